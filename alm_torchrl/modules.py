@@ -1,0 +1,347 @@
+"""ALM's networks as TensorDict modules, and a factory that builds them from env specs.
+
+Architectures follow the ALM paper's Table 4 and the reference code: every Linear has
+an orthogonal weight and a zero bias; activations are ELU except the first layer of the
+reward, classifier and critic heads, which is LayerNorm + Tanh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict.nn import (
+    InteractionType,
+    ProbabilisticTensorDictModule,
+    ProbabilisticTensorDictSequential,
+    TensorDictModule,
+    TensorDictSequential,
+)
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.data import Bounded, Composite, TensorSpec
+from torchrl.modules import Actor, AdditiveGaussianModule, IndependentNormal, ValueOperator
+
+__all__ = [
+    "ALMModules",
+    "ConcatMLP",
+    "GaussianParamHead",
+    "elu_mlp",
+    "layernorm_tanh_mlp",
+    "make_actor",
+    "make_alm_modules",
+    "make_classifier",
+    "make_encoder",
+    "make_qvalue_network",
+    "make_reward_model",
+    "make_world_model",
+    "orthogonal_init_",
+]
+
+
+def orthogonal_init_(module: nn.Module) -> nn.Module:
+    """Orthogonal weights (gain 1) and zero biases for every ``nn.Linear`` in ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return module
+
+
+def elu_mlp(in_features: int, hidden_dim: int, out_features: int, depth: int = 2) -> nn.Sequential:
+    """``depth`` hidden layers of ``Linear + ELU``, then a Linear output layer."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden_dim), nn.ELU()]
+        width = hidden_dim
+    layers.append(nn.Linear(width, out_features))
+    return orthogonal_init_(nn.Sequential(*layers))
+
+
+def layernorm_tanh_mlp(in_features: int, hidden_dim: int, out_features: int) -> nn.Sequential:
+    """ALM's reward/classifier/critic trunk: Linear, LayerNorm, Tanh, Linear, ELU, Linear."""
+    return orthogonal_init_(
+        nn.Sequential(
+            nn.Linear(in_features, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.Tanh(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ELU(),
+            nn.Linear(hidden_dim, out_features),
+        )
+    )
+
+
+class ConcatMLP(nn.Module):
+    """Concatenates its inputs on the last dim and applies ``net``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(inputs, dim=-1))
+
+
+class GaussianParamHead(nn.Module):
+    """Splits ``net``'s output into the (loc, scale) of a diagonal Normal, squashed as ALM does.
+
+    ``loc = 30 tanh(loc / 30)``; the scale is softly clamped into about [0.1, 10] with
+    ``10 - softplus(10 - s)`` then ``0.1 + softplus(s - 0.1)``. Without these bounds the
+    KL term of the model loss can blow up early in training.
+    """
+
+    def __init__(self, net: nn.Module, max_loc: float = 30.0, min_scale: float = 0.1, max_scale: float = 10.0) -> None:
+        super().__init__()
+        self.net = net
+        self.max_loc = max_loc
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, raw_scale = self.net(torch.cat(inputs, dim=-1)).chunk(2, dim=-1)
+        loc = self.max_loc * torch.tanh(loc / self.max_loc)
+        scale = self.max_scale - nn.functional.softplus(self.max_scale - raw_scale)
+        scale = self.min_scale + nn.functional.softplus(scale - self.min_scale)
+        return loc, scale
+
+
+def _gaussian_latent_module(
+    net: nn.Module, in_keys: list[NestedKey], out_key: NestedKey
+) -> ProbabilisticTensorDictSequential:
+    out_key_tuple = out_key if isinstance(out_key, tuple) else (out_key,)
+    loc_key = out_key_tuple[:-1] + (f"{out_key_tuple[-1]}_loc",)
+    scale_key = out_key_tuple[:-1] + (f"{out_key_tuple[-1]}_scale",)
+    return ProbabilisticTensorDictSequential(
+        TensorDictModule(GaussianParamHead(net), in_keys=in_keys, out_keys=[loc_key, scale_key]),
+        ProbabilisticTensorDictModule(
+            in_keys={"loc": loc_key, "scale": scale_key},
+            out_keys=[out_key],
+            distribution_class=IndependentNormal,
+            # Under RANDOM (the collector's default) the latent is sampled, as ALM does when
+            # acting; under DETERMINISTIC (evaluation) it is the mean.
+            default_interaction_type=InteractionType.RANDOM,
+        ),
+    )
+
+
+def make_encoder(
+    observation_dim: int,
+    latent_dim: int = 50,
+    hidden_dim: int = 512,
+    *,
+    observation_key: NestedKey = "observation",
+    latent_key: NestedKey = "latent",
+) -> ProbabilisticTensorDictSequential:
+    """Encoder ``e(z | s)``: observation -> diagonal Normal over the latent (writes ``latent``)."""
+    net = elu_mlp(observation_dim, hidden_dim, 2 * latent_dim)
+    return _gaussian_latent_module(net, [observation_key], latent_key)
+
+
+def make_world_model(
+    latent_dim: int,
+    action_dim: int,
+    hidden_dim: int = 1024,
+    *,
+    latent_key: NestedKey = "latent",
+    action_key: NestedKey = "action",
+    next_latent_key: NestedKey = "next_latent",
+) -> ProbabilisticTensorDictSequential:
+    """Latent dynamics ``m(z' | z, a)``: (latent, action) -> diagonal Normal over the next latent."""
+    net = elu_mlp(latent_dim + action_dim, hidden_dim, 2 * latent_dim)
+    return _gaussian_latent_module(net, [latent_key, action_key], next_latent_key)
+
+
+def make_reward_model(
+    latent_dim: int,
+    action_dim: int,
+    hidden_dim: int = 512,
+    *,
+    latent_key: NestedKey = "latent",
+    action_key: NestedKey = "action",
+    out_key: NestedKey = "predicted_reward",
+) -> TensorDictModule:
+    """Reward model ``r(z, a)`` -> a scalar (shape ``[..., 1]``)."""
+    net = layernorm_tanh_mlp(latent_dim + action_dim, hidden_dim, 1)
+    return TensorDictModule(ConcatMLP(net), in_keys=[latent_key, action_key], out_keys=[out_key])
+
+
+def make_classifier(
+    latent_dim: int,
+    action_dim: int,
+    hidden_dim: int = 512,
+    *,
+    latent_key: NestedKey = "latent",
+    action_key: NestedKey = "action",
+    next_latent_key: NestedKey = "next_latent",
+    out_key: NestedKey = "classifier_logits",
+) -> TensorDictModule:
+    """Classifier ``C(z, a, z')`` -> two logits; logit 1 means "z' came from the encoder"."""
+    net = layernorm_tanh_mlp(2 * latent_dim + action_dim, hidden_dim, 2)
+    return TensorDictModule(
+        ConcatMLP(net), in_keys=[latent_key, action_key, next_latent_key], out_keys=[out_key]
+    )
+
+
+def make_qvalue_network(
+    latent_dim: int,
+    action_dim: int,
+    hidden_dim: int = 512,
+    *,
+    latent_key: NestedKey = "latent",
+    action_key: NestedKey = "action",
+) -> ValueOperator:
+    """One critic head ``Q(z, a)`` (writes ``state_action_value``). ALM uses two, built independently."""
+    net = layernorm_tanh_mlp(latent_dim + action_dim, hidden_dim, 1)
+    return ValueOperator(ConcatMLP(net), in_keys=[latent_key, action_key])
+
+
+def make_actor(
+    latent_dim: int,
+    action_spec: TensorSpec,
+    hidden_dim: int = 512,
+    *,
+    latent_key: NestedKey = "latent",
+    action_key: NestedKey = "action",
+) -> Actor:
+    """Deterministic actor: latent -> ``tanh`` mean action.
+
+    As in the reference code, the tanh mean is *not* rescaled to the action bounds; noisy
+    actions are clamped to them (by the exploration module when acting, by the loss inside
+    the losses).
+    """
+    action_dim = action_spec.shape[-1]
+    net = nn.Sequential(elu_mlp(latent_dim, hidden_dim, action_dim), nn.Tanh())
+    return Actor(net, in_keys=[latent_key], out_keys=[action_key], spec=action_spec)
+
+
+@dataclass
+class ALMModules:
+    """What :func:`make_alm_modules` returns.
+
+    The first six attributes are named after :class:`~alm_torchrl.objectives.ALMLoss`'s
+    keywords, so ``ALMLoss(**modules.loss_kwargs())`` builds the loss.
+    """
+
+    encoder: ProbabilisticTensorDictSequential
+    world_model: ProbabilisticTensorDictSequential
+    reward_model: TensorDictModule
+    classifier: TensorDictModule
+    qvalue_network: list[TensorDictModule]
+    actor_network: TensorDictModule
+    policy: TensorDictSequential
+    """Behaviour policy: sampled latent, actor mean, annealed additive Gaussian noise, clamped to bounds."""
+    eval_policy: TensorDictSequential
+    """Encoder + actor; run it under ``ExplorationType.DETERMINISTIC`` to get the mean action."""
+    exploration_noise: AdditiveGaussianModule
+    """The policy's noise module; call ``exploration_noise.step(frames)`` as frames are collected."""
+
+    def loss_kwargs(self) -> dict[str, object]:
+        return {
+            "encoder": self.encoder,
+            "world_model": self.world_model,
+            "reward_model": self.reward_model,
+            "classifier": self.classifier,
+            "qvalue_network": self.qvalue_network,
+            "actor_network": self.actor_network,
+        }
+
+
+def _unbatched_leaf_spec(spec: TensorSpec, key: NestedKey, what: str) -> TensorSpec:
+    if isinstance(spec, Composite):
+        if key not in spec.keys(True, True):
+            raise KeyError(f"{what} spec has no entry {key!r}; it has {sorted(map(str, spec.keys(True, True)))}.")
+        spec = spec[key]
+    if spec.ndim != 1:
+        # ALM's networks are MLPs over a flat vector; batched env specs must be unbatched first
+        # (``env.observation_spec_unbatched``).
+        raise ValueError(f"{what} spec must be a flat vector, got shape {tuple(spec.shape)}.")
+    return spec
+
+
+def make_alm_modules(
+    observation_spec: TensorSpec,
+    action_spec: TensorSpec,
+    *,
+    latent_dim: int = 50,
+    hidden_dim: int = 512,
+    model_hidden_dim: int = 1024,
+    num_qvalue_nets: int = 2,
+    noise_init: float = 1.0,
+    noise_end: float = 0.1,
+    noise_annealing_frames: int = 100_000,
+    observation_key: NestedKey = "observation",
+    action_key: NestedKey = "action",
+    device: torch.device | str | None = None,
+) -> ALMModules:
+    """Builds ALM's networks and policies from an environment's (unbatched) specs.
+
+    Args:
+        observation_spec: the observation spec, or a Composite holding ``observation_key``.
+        action_spec: a :class:`~torchrl.data.Bounded` action spec, or a Composite holding it.
+
+    Keyword Args:
+        latent_dim, hidden_dim, model_hidden_dim: network sizes (paper: 50, 512, 1024).
+        num_qvalue_nets: number of independently initialised critic heads (paper: 2).
+        noise_init, noise_end, noise_annealing_frames: the behaviour policy's noise std
+            schedule (paper: 1.0 to 0.1 over 100,000 frames).
+        device: where the networks live.
+
+    Examples:
+        >>> from torchrl.envs import GymEnv
+        >>> env = GymEnv("Pendulum-v1")
+        >>> modules = make_alm_modules(env.observation_spec_unbatched, env.action_spec_unbatched,
+        ...                            latent_dim=8, hidden_dim=32, model_hidden_dim=32)
+        >>> rollout = env.rollout(3, modules.policy)
+        >>> rollout["action"].shape
+        torch.Size([3, 1])
+    """
+    for name, value in (("latent_dim", latent_dim), ("hidden_dim", hidden_dim),
+                        ("model_hidden_dim", model_hidden_dim), ("num_qvalue_nets", num_qvalue_nets)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation")
+    action_spec = _unbatched_leaf_spec(action_spec, action_key, "action")
+    if not isinstance(action_spec, Bounded):
+        raise ValueError(f"ALM needs a Bounded (continuous) action spec, got {type(action_spec).__name__}.")
+    if device is not None:
+        # The noise module clamps actions to the spec's bounds, which must live with the actions.
+        action_spec = action_spec.to(device)
+    observation_dim = observation_spec.shape[-1]
+    action_dim = action_spec.shape[-1]
+    keys = {"action_key": action_key}
+
+    encoder = make_encoder(observation_dim, latent_dim, hidden_dim, observation_key=observation_key)
+    world_model = make_world_model(latent_dim, action_dim, model_hidden_dim, **keys)
+    reward_model = make_reward_model(latent_dim, action_dim, hidden_dim, **keys)
+    classifier = make_classifier(latent_dim, action_dim, hidden_dim, **keys)
+    qvalue_network = [make_qvalue_network(latent_dim, action_dim, hidden_dim, **keys) for _ in range(num_qvalue_nets)]
+    actor_network = make_actor(latent_dim, action_spec, hidden_dim, **keys)
+
+    exploration_noise = AdditiveGaussianModule(
+        spec=action_spec,
+        sigma_init=noise_init,
+        sigma_end=noise_end,
+        annealing_num_steps=noise_annealing_frames,
+        action_key=action_key,
+        device=device,
+    )
+    policy = TensorDictSequential(encoder, actor_network, exploration_noise)
+    eval_policy = TensorDictSequential(encoder, actor_network)
+    modules = ALMModules(
+        encoder=encoder,
+        world_model=world_model,
+        reward_model=reward_model,
+        classifier=classifier,
+        qvalue_network=qvalue_network,
+        actor_network=actor_network,
+        policy=policy,
+        eval_policy=eval_policy,
+        exploration_noise=exploration_noise,
+    )
+    if device is not None:
+        for module in modules.loss_kwargs().values():
+            for part in module if isinstance(module, list) else [module]:
+                part.to(device)
+    return modules
