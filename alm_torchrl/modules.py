@@ -191,10 +191,12 @@ def make_qvalue_network(
     *,
     latent_key: NestedKey = "latent",
     action_key: NestedKey = "action",
+    out_key: NestedKey = "state_action_value",
 ) -> ValueOperator:
     """One critic head ``Q(z, a)`` (writes ``state_action_value``). ALM uses two, built independently."""
     net = layernorm_tanh_mlp(latent_dim + action_dim, hidden_dim, 1)
-    return ValueOperator(ConcatMLP(net), in_keys=[latent_key, action_key])
+    # out_keys explicit: ValueOperator only infers "state_action_value" for a plain "action" key.
+    return ValueOperator(ConcatMLP(net), in_keys=[latent_key, action_key], out_keys=[out_key])
 
 
 def make_actor(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
-from tensordict.utils import NestedKey
+from tensordict.utils import NestedKey, unravel_key
 from torch import distributions as d
 
 from torchrl.data.tensor_specs import Bounded, Composite, TensorSpec
@@ -322,7 +322,8 @@ class ALMLoss(LossModule):
         if action_spec is None:
             action_spec = getattr(actor_network, "spec", None)
         if isinstance(action_spec, Composite):
-            action_spec = action_spec.get(self.tensor_keys.action, None)
+            # Keys are set after construction, so look the action up under the actor's out_key.
+            action_spec = action_spec.get(actor_network.out_keys[0], None)
         if not isinstance(action_spec, Bounded):
             raise ValueError(
                 "ALMLoss needs the action bounds: pass action_spec=<Bounded spec> or an actor "
@@ -375,12 +376,15 @@ class ALMLoss(LossModule):
     def _set_in_keys(self) -> None:
         keys = self.tensor_keys
         self._in_keys = [
-            keys.observation,
-            keys.action,
-            ("next", keys.observation),
-            ("next", keys.reward),
-            ("next", keys.done),
-            ("next", keys.terminated),
+            unravel_key(key)
+            for key in (
+                keys.observation,
+                keys.action,
+                ("next", keys.observation),
+                ("next", keys.reward),
+                ("next", keys.done),
+                ("next", keys.terminated),
+            )
         ]
 
     @property
@@ -500,10 +504,11 @@ class ALMLoss(LossModule):
         """Fails once, with a clear message, if the networks disagree on the latent size."""
         if self._latent_sizes_checked:
             return
+        # Means, not samples: the check must not consume random numbers.
         with torch.no_grad():
-            latent = self._encode(observation[:1], self.encoder_params).sample()
+            latent = self._encode(observation[:1], self.encoder_params).mean
             try:
-                next_latent = self._predict_next_latent(latent, action[:1], self.world_model_params).sample()
+                next_latent = self._predict_next_latent(latent, action[:1], self.world_model_params).mean
             except RuntimeError as err:
                 raise ValueError(
                     f"The encoder's latent (size {latent.shape[-1]}) does not fit the world model, "
