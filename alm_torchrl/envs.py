@@ -1,0 +1,138 @@
+"""Environment factory for ALM: gymnasium tasks (and the paper's truncated-observation variants) as TorchRL envs.
+
+Every env is a ``GymEnv`` wrapped in the SOTA-script transform stack
+``Compose(InitTracker(), StepCounter(max_episode_steps), DoubleToFloat(), RewardSum())``. gymnasium's own
+``TimeLimit`` is disabled so that ``StepCounter`` alone decides when an episode is cut: a time limit then shows up as
+``("next", "truncated")=True`` with ``("next", "terminated")=False``, which is what lets the TD target bootstrap through
+it and lets the slice sampler keep sequences inside one episode.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium
+import torch
+from torchrl.envs import (
+    Compose,
+    DoubleToFloat,
+    GymEnv,
+    InitTracker,
+    RewardSum,
+    StepCounter,
+    TransformedEnv,
+)
+
+__all__ = [
+    "DEFAULT_MAX_EPISODE_STEPS",
+    "DEFAULT_REPLAY_BUFFER_SIZE",
+    "ENV_PRESETS",
+    "EnvPreset",
+    "check_env_name",
+    "make_env",
+    "replay_buffer_size_for",
+]
+
+DEFAULT_MAX_EPISODE_STEPS = 1000
+DEFAULT_REPLAY_BUFFER_SIZE = 100_000
+
+
+@dataclass(frozen=True)
+class EnvPreset:
+    """A named task from the ALM paper: which gymnasium env to build, with which kwargs, and its buffer size."""
+
+    gym_id: str
+    make_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    replay_buffer_size: int = DEFAULT_REPLAY_BUFFER_SIZE
+    max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS
+
+
+# T-Ant / T-Humanoid (paper Table 1) drop the contact and inertia terms: 27 and 45 observation dims.
+ENV_PRESETS: dict[str, EnvPreset] = {
+    "HalfCheetah-v5": EnvPreset("HalfCheetah-v5"),
+    "Walker2d-v5": EnvPreset("Walker2d-v5"),
+    "Hopper-v5": EnvPreset("Hopper-v5"),
+    "Ant-v5": EnvPreset("Ant-v5"),
+    "Humanoid-v5": EnvPreset("Humanoid-v5", replay_buffer_size=1_000_000),
+    "T-Ant": EnvPreset("Ant-v5", {"include_cfrc_ext_in_observation": False}),
+    "T-Humanoid": EnvPreset(
+        "Humanoid-v5",
+        {
+            "include_cinert_in_observation": False,
+            "include_cvel_in_observation": False,
+            "include_qfrc_actuator_in_observation": False,
+            "include_cfrc_ext_in_observation": False,
+        },
+        replay_buffer_size=1_000_000,
+    ),
+}
+
+
+def check_env_name(env_name: str, *, allow_presets: bool = True) -> None:
+    """Raise a one-line ``ValueError`` if ``env_name`` is neither a preset nor a registered gymnasium id.
+
+    Only looks names up in ``gymnasium.envs.registry`` (no env is built), so a typo fails before any heavy work.
+    """
+    if allow_presets and env_name in ENV_PRESETS:
+        return
+    if env_name in gymnasium.envs.registry:
+        return
+    known = [*ENV_PRESETS, *gymnasium.envs.registry] if allow_presets else list(gymnasium.envs.registry)
+    close = difflib.get_close_matches(env_name, list(dict.fromkeys(known)), n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    presets = f"a preset ({', '.join(ENV_PRESETS)}) or " if allow_presets else ""
+    raise ValueError(f"Unknown environment {env_name!r}: expected {presets}any registered gymnasium id{hint}")
+
+
+def replay_buffer_size_for(env_name: str) -> int:
+    """Replay buffer capacity the paper uses for ``env_name``: the preset's, else 100,000 transitions."""
+    preset = ENV_PRESETS.get(env_name)
+    return preset.replay_buffer_size if preset is not None else DEFAULT_REPLAY_BUFFER_SIZE
+
+
+def make_env(
+    env_name: str,
+    *,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    max_episode_steps: int | None = None,
+    from_preset: bool = True,
+    make_kwargs: Mapping[str, Any] | None = None,
+) -> TransformedEnv:
+    """Build ``env_name`` (a preset name or any gymnasium id) as a seeded, float32 TorchRL env.
+
+    Args:
+        env_name: a key of ``ENV_PRESETS`` or a registered gymnasium id.
+        seed: seeds the env if given.
+        device: device of the env's outputs.
+        max_episode_steps: episode length enforced by ``StepCounter`` (truncation); defaults to the preset's
+            value, or 1000 for a plain gymnasium id.
+        from_preset: if False, ``env_name`` is always read as a gymnasium id and preset kwargs are ignored.
+        make_kwargs: extra ``gymnasium.make`` kwargs, applied over the preset's.
+    """
+    check_env_name(env_name, allow_presets=from_preset)
+    make_kwargs = dict(make_kwargs or {})
+    if "max_episode_steps" in make_kwargs:
+        raise ValueError("make_kwargs must not set max_episode_steps; pass make_env(max_episode_steps=...) instead")
+    preset = ENV_PRESETS.get(env_name) if from_preset else None
+    if preset is not None:
+        gym_id, make_kwargs = preset.gym_id, {**preset.make_kwargs, **make_kwargs}
+    else:
+        gym_id = env_name
+    if max_episode_steps is None:
+        max_episode_steps = preset.max_episode_steps if preset is not None else DEFAULT_MAX_EPISODE_STEPS
+    if max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+
+    # max_episode_steps=-1 tells gymnasium.make not to add TimeLimit: StepCounter is the only time limit.
+    base_env = GymEnv(gym_id, device=device, max_episode_steps=-1, **make_kwargs)
+    env = TransformedEnv(
+        base_env,
+        Compose(InitTracker(), StepCounter(max_episode_steps), DoubleToFloat(), RewardSum()),
+    )
+    if seed is not None:
+        env.set_seed(seed)
+    return env

@@ -1,0 +1,75 @@
+"""Sequence replay buffer for ALM: uniform ``[B, K]`` slices of consecutive transitions within one episode.
+
+Slices are cut by ``SliceSampler`` along ``("collector", "traj_ids")`` (written by every TorchRL collector), so a
+slice never runs across a termination *or* a time-limit truncation, and stays correct after the storage wraps around.
+Note that the sampler rewrites ``("next", "truncated")`` / ``("next", "done")`` in samples to mark slice ends; only
+``("next", "terminated")`` is the stored flag, so bootstrap masks must use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.data import LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
+
+__all__ = ["TRAJ_KEY", "make_replay_buffer", "sample_slices"]
+
+TRAJ_KEY = ("collector", "traj_ids")
+
+
+def make_replay_buffer(
+    *,
+    size: int,
+    batch_size: int,
+    slice_len: int,
+    device: torch.device | str = "cpu",
+    prefetch: int | None = None,
+) -> TensorDictReplayBuffer:
+    """A buffer of ``size`` transitions whose ``sample()`` returns ``batch_size`` slices of ``slice_len`` steps.
+
+    ``sample()`` yields a flat batch of ``batch_size * slice_len`` transitions, slice after slice; use
+    ``sample_slices`` to get it as ``[batch_size, slice_len]``. Trajectories shorter than ``slice_len`` are never
+    sampled (``strict_length=True``), so the batch size is always exact.
+    """
+    if slice_len < 1:
+        raise ValueError(f"slice_len must be >= 1, got {slice_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if size < slice_len:
+        raise ValueError(f"size must be >= slice_len ({slice_len}), got {size}")
+    return TensorDictReplayBuffer(
+        storage=LazyTensorStorage(size, device=device),
+        sampler=SliceSampler(slice_len=slice_len, traj_key=TRAJ_KEY, strict_length=True),
+        batch_size=batch_size * slice_len,
+        prefetch=prefetch,
+    )
+
+
+def sample_slices(buffer: TensorDictReplayBuffer, batch_size: int, slice_len: int) -> TensorDictBase:
+    """Sample ``batch_size`` slices of ``slice_len`` consecutive transitions, shaped ``[batch_size, slice_len]``.
+
+    Raises a ``RuntimeError`` naming ``slice_len`` and the longest stored trajectory when no stored trajectory is
+    long enough yet (e.g. right after a reset-heavy warm-up).
+    """
+    sampler_slice_len = getattr(buffer.sampler, "slice_len", None)
+    if sampler_slice_len != slice_len:
+        raise ValueError(f"slice_len={slice_len} does not match the buffer's sampler (slice_len={sampler_slice_len})")
+    if len(buffer) == 0:
+        raise RuntimeError("cannot sample slices: the replay buffer is empty")
+    try:
+        flat = buffer.sample(batch_size * slice_len)
+    except RuntimeError as err:
+        if "sufficient length" not in str(err):
+            raise
+        raise RuntimeError(
+            f"cannot sample slices of slice_len={slice_len}: no stored trajectory is that long "
+            f"({_stored_lengths_summary(buffer)}); collect more steps or lower slice_len"
+        ) from err
+    return flat.reshape(batch_size, slice_len)
+
+
+def _stored_lengths_summary(buffer: TensorDictReplayBuffer) -> str:
+    """Describe stored trajectory lengths (contiguous runs of one traj id), for error messages only."""
+    traj_ids = buffer.storage[:].get(TRAJ_KEY)
+    _, lengths = torch.unique_consecutive(traj_ids, return_counts=True)
+    return f"longest has {lengths.max().item()} transitions, over {lengths.numel()} stored trajectories"
