@@ -250,11 +250,15 @@ class ALMModules:
         }
 
 
-def _unbatched_leaf_spec(spec: TensorSpec, key: NestedKey, what: str) -> TensorSpec:
+def _unbatched_leaf_spec(
+    spec: TensorSpec, key: NestedKey, what: str, required_type: type[TensorSpec] | None = None
+) -> TensorSpec:
     if isinstance(spec, Composite):
         if key not in spec.keys(True, True):
             raise KeyError(f"{what} spec has no entry {key!r}; it has {sorted(map(str, spec.keys(True, True)))}.")
         spec = spec[key]
+    if required_type is not None and not isinstance(spec, required_type):
+        raise ValueError(f"ALM needs a {required_type.__name__} {what} spec, got {type(spec).__name__}.")
     if spec.ndim != 1:
         # ALM's networks are MLPs over a flat vector; batched env specs must be unbatched first
         # (``env.observation_spec_unbatched``).
@@ -304,9 +308,7 @@ def make_alm_modules(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation")
-    action_spec = _unbatched_leaf_spec(action_spec, action_key, "action")
-    if not isinstance(action_spec, Bounded):
-        raise ValueError(f"ALM needs a Bounded (continuous) action spec, got {type(action_spec).__name__}.")
+    action_spec = _unbatched_leaf_spec(action_spec, action_key, "action", required_type=Bounded)
     if device is not None:
         # The noise module clamps actions to the spec's bounds, which must live with the actions.
         action_spec = action_spec.to(device)
