@@ -119,7 +119,6 @@ class ALMLoss(LossModule):
         >>> from tensordict import TensorDict
         >>> from tensordict.nn import (InteractionType, ProbabilisticTensorDictModule,
         ...     ProbabilisticTensorDictSequential, TensorDictModule)
-        >>> from tensordict.nn.distributions import NormalParamExtractor
         >>> from torchrl.data import Bounded
         >>> from torchrl.modules import Actor, IndependentNormal, ValueOperator
         >>> from torchrl.objectives import SoftUpdate
@@ -130,10 +129,13 @@ class ALMLoss(LossModule):
         ...         self.linear = nn.Linear(n_in, n_out)
         ...     def forward(self, *x):
         ...         return self.linear(torch.cat(x, -1))
+        >>> class GaussianCat(Cat):
+        ...     def forward(self, *x):
+        ...         loc, scale = super().forward(*x).chunk(2, -1)
+        ...         return loc, nn.functional.softplus(scale) + 0.1
         >>> def gaussian(n_in, in_keys, out_key):
-        ...     net = nn.Sequential(Cat(n_in, 2 * n_lat), NormalParamExtractor())
         ...     return ProbabilisticTensorDictSequential(
-        ...         TensorDictModule(net, in_keys=in_keys, out_keys=["loc", "scale"]),
+        ...         TensorDictModule(GaussianCat(n_in, 2 * n_lat), in_keys=in_keys, out_keys=["loc", "scale"]),
         ...         ProbabilisticTensorDictModule(in_keys=["loc", "scale"], out_keys=[out_key],
         ...             distribution_class=IndependentNormal,
         ...             default_interaction_type=InteractionType.RANDOM))

@@ -403,5 +403,17 @@ def test_swapped_encoder_and_three_critics_train():
     assert all(not torch.equal(initial[name], p) for name, p in loss.named_parameters())
 
 
+
+def test_reset_parameters_recursive():
+    loss = tiny_loss()
+    before = {name: p.detach().clone() for name, p in loss.named_parameters()}
+    target_before = loss.target_encoder_params.clone()
+    loss.reset_parameters_recursive()
+    # LayerNorm weights reset to ones, which they already are; every other weight is re-drawn.
+    redrawn = [name for name, p in before.items() if name.endswith("weight") and not (p == 1).all()]
+    assert redrawn and all(not torch.equal(before[name], dict(loss.named_parameters())[name]) for name in redrawn)
+    assert not (loss.target_encoder_params == target_before).all()
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])

@@ -1,0 +1,15 @@
+"""The runnable examples in the public docstrings run and print what they claim."""
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+import alm_torchrl.modules
+import alm_torchrl.objectives.alm
+
+
+@pytest.mark.parametrize("module", [alm_torchrl.objectives.alm, alm_torchrl.modules])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
