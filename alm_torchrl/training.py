@@ -1,0 +1,257 @@
+"""Factories and loop helpers for the ALM training recipe (``recipes/alm/alm.py``).
+
+The recipe stays a short, top-to-bottom script in the style of TorchRL's ``sota-implementations``; everything that is
+worth testing on its own (optimizer groups, the update step, evaluation, checkpointing, config validation) lives here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from copy import copy
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+from torchrl.data import ReplayBuffer
+from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.objectives import LossModule, SoftUpdate
+
+from alm_torchrl.envs import check_env_name
+
+__all__ = [
+    "CHECKPOINT_FILENAME",
+    "OPTIMIZER_GROUPS",
+    "NonFiniteGradientError",
+    "checkpoint_file",
+    "evaluate",
+    "load_checkpoint",
+    "make_optimizers",
+    "make_update",
+    "resolve_device",
+    "restore_replay_buffer",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "validate_config",
+]
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+
+# ALM's four optimizers (spec, "Order and optimizers"), by the prefix of ``loss.named_parameters()``.
+OPTIMIZER_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("encoder_params.", "world_model_params."),
+    "reward_classifier": ("reward_model_params.", "classifier_params."),
+    "qvalue": ("qvalue_network_params.",),
+    "actor": ("actor_network_params.",),
+}
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by the update when a parameter group's gradient norm is NaN or infinite; names the group."""
+
+    def __init__(self, group: str, norm: float) -> None:
+        super().__init__(f"non-finite gradient norm ({norm}) in optimizer group {group!r}")
+        self.group = group
+        self.norm = norm
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; any other name as a ``torch.device``, refusing cuda without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"collector.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def make_optimizers(loss: LossModule, lr: float) -> torch.optim.Adam:
+    """One Adam holding ALM's four optimizers as named param groups (what ``group_optimizers`` would build).
+
+    A single optimizer gives the update one ``step()`` call site while keeping per-group gradient clipping (each
+    group carries its ``"name"``). Raises if a loss parameter belongs to no group, so new parameters are never
+    silently left untrained.
+    """
+    named = dict(loss.named_parameters())
+    groups = []
+    for group_name, prefixes in OPTIMIZER_GROUPS.items():
+        params = [p for name, p in named.items() if name.startswith(prefixes)]
+        if not params:
+            raise ValueError(f"optimizer group {group_name!r} matched no parameter of the loss ({prefixes})")
+        groups.append({"params": params, "name": group_name})
+    grouped = {id(p) for group in groups for p in group["params"]}
+    orphans = [name for name, p in named.items() if id(p) not in grouped]
+    if orphans:
+        raise ValueError(f"loss parameters in no optimizer group: {orphans}")
+    device = next(iter(named.values())).device
+    # fused Adam is the fastest on CUDA; on CPU foreach batches the tiny per-layer ops.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(groups, lr=lr, **fast)
+
+
+def make_update(
+    loss: LossModule,
+    optimizer: torch.optim.Optimizer,
+    target_updater: SoftUpdate,
+    max_grad_norm: float = 100.0,
+) -> Callable[[TensorDictBase], TensorDictBase]:
+    """Return ``update(batch)``: one ALM gradient step on a ``[B, K]`` slice batch, returning detached metrics.
+
+    All five losses are summed and back-propagated once (ALMLoss isolates each loss's gradient to its own group),
+    each optimizer group's gradient norm is clipped to ``max_grad_norm`` as in the reference code, then one optimizer
+    step and the Polyak target update. A non-finite norm raises :class:`NonFiniteGradientError` *before* the step,
+    so the parameters stay finite and the last checkpoint stays valid.
+    """
+    group_names = [group["name"] for group in optimizer.param_groups]
+
+    def update(batch: TensorDictBase) -> TensorDictBase:
+        losses = loss(batch)
+        total = sum(value for key, value in losses.items() if key.startswith("loss_"))
+        total.backward()
+        norms = torch.stack(
+            [
+                torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm, error_if_nonfinite=False)
+                for group in optimizer.param_groups
+            ]
+        )
+        # One host sync per update for all groups, instead of one per group.
+        if not torch.isfinite(norms).all():
+            optimizer.zero_grad(set_to_none=True)
+            bad = int((~torch.isfinite(norms)).nonzero()[0])
+            raise NonFiniteGradientError(group_names[bad], norms[bad].item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        target_updater.step()
+        for name, norm in zip(group_names, norms):
+            losses.set(f"grad_norm_{name}", norm)
+        return losses.detach()
+
+    return update
+
+
+def evaluate(env: EnvBase, eval_policy: Callable, num_episodes: int, max_steps: int) -> dict[str, float]:
+    """Mean return and length of ``num_episodes`` episodes of the deterministic (mean-action) policy."""
+    returns, lengths = [], []
+    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        for _ in range(num_episodes):
+            rollout = env.rollout(max_steps, eval_policy, auto_cast_to_device=True, break_when_any_done=True)
+            returns.append(rollout["next", "reward"].sum().item())
+            lengths.append(rollout.numel())
+    return {"return_mean": float(np.mean(returns)), "length_mean": float(np.mean(lengths))}
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file for ``path``: the path itself if it is a file, else ``<path>/checkpoint.pt``."""
+    path = Path(path)
+    return path if path.is_file() else path / CHECKPOINT_FILENAME
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a temp file in the same directory, fsync'd, then ``os.replace``.
+
+    A process killed mid-write leaves the previous checkpoint untouched (and at worst a stray ``*.tmp`` file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(dict(state), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU (``mmap=True`` for a cheap peek).
+
+    ``weights_only=False`` because the state holds numpy/python RNG states; only load checkpoints you wrote.
+    """
+    return torch.load(checkpoint_file(path), map_location="cpu", weights_only=False, mmap=mmap)
+
+
+def restore_replay_buffer(buffer: ReplayBuffer, state: Mapping[str, Any], device: torch.device) -> None:
+    """Load ``buffer.state_dict()`` output into a fresh buffer whose storage lives on ``device``.
+
+    A fresh lazy storage adopts the device of the loaded tensors (CPU, from :func:`load_checkpoint`), so the stored
+    transitions are moved to ``device`` first; the sampler and writer states stay as saved.
+    """
+    storage_state = dict(state["_storage"])
+    storage_state["_storage"] = _state_to_device(storage_state["_storage"], device)
+    buffer.load_state_dict({**state, "_storage": storage_state})
+
+
+def _state_to_device(state: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) state dict to ``device``, copying each dict so its attributes survive.
+
+    TensorDict state dicts carry their structure in a ``_metadata`` attribute, which pytree mapping would drop.
+    """
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        moved = copy(state)
+        for key, value in moved.items():
+            moved[key] = _state_to_device(value, device)
+        return moved
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (and CUDA), numpy and python RNG states, for checkpoints."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the RNG states saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def validate_config(cfg: Any) -> None:
+    """Check the recipe config before any heavy work; each problem is a one-line ``ValueError``.
+
+    ``cfg.checkpoint.resume`` must already be an absolute path (Hydra changes the working directory).
+    """
+    check_env_name(cfg.env.name)
+    if cfg.loss.horizon < 1:
+        raise ValueError(f"loss.horizon must be >= 1 (the slice length K; paper: 3), got {cfg.loss.horizon}")
+    if cfg.optim.batch_size < 1:
+        raise ValueError(f"optim.batch_size must be >= 1 (paper: 512), got {cfg.optim.batch_size}")
+    if cfg.collector.device not in ("auto", None):
+        try:
+            resolve_device(cfg.collector.device)
+        except RuntimeError as err:
+            raise ValueError(f"collector.device={cfg.collector.device!r} is not a valid torch device: {err}") from None
+    if cfg.checkpoint.resume:
+        resume = checkpoint_file(cfg.checkpoint.resume)
+        if not resume.is_file():
+            raise ValueError(
+                f"checkpoint.resume={cfg.checkpoint.resume!r}: no checkpoint at {str(resume)!r}; "
+                f"pass a checkpoint file or a directory holding {CHECKPOINT_FILENAME}"
+            )
+        stored = load_checkpoint(resume, mmap=True)
+        if stored["env_name"] != cfg.env.name:
+            raise ValueError(
+                f"checkpoint.resume={cfg.checkpoint.resume!r} was trained on env.name={stored['env_name']!r}, "
+                f"not env.name={cfg.env.name!r}; resume with env.name={stored['env_name']}"
+            )
+        if stored["collected_frames"] >= cfg.collector.total_frames:
+            raise ValueError(
+                f"checkpoint.resume={cfg.checkpoint.resume!r} already holds {stored['collected_frames']} frames, "
+                f">= collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
+            )

@@ -1,0 +1,218 @@
+"""Train ALM (Aligned Latent Models, Ghugare et al., ICLR 2023) with TorchRL.
+
+    python recipes/alm/alm.py env.name=Walker2d-v5
+    python recipes/alm/alm.py checkpoint.resume=outputs/HalfCheetah-v5/<run>/checkpoints
+
+Collect ``frames_per_batch`` steps with the noisy policy, store them, then run ``frames_per_batch * utd_ratio``
+updates on ``[batch_size, horizon]`` slices; evaluate, log and checkpoint on frame intervals.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import tqdm
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
+from torchrl import timeit
+from torchrl.collectors import Collector
+from torchrl.objectives import SoftUpdate
+from torchrl.record.loggers import generate_exp_name, get_logger
+
+from alm_torchrl import make_alm_modules
+from alm_torchrl.envs import make_env, replay_buffer_size_for
+from alm_torchrl.objectives import ALMLoss
+from alm_torchrl.replay import TRAJ_KEY, make_replay_buffer, sample_slices
+from alm_torchrl.training import (
+    NonFiniteGradientError,
+    evaluate,
+    load_checkpoint,
+    make_optimizers,
+    make_update,
+    resolve_device,
+    restore_replay_buffer,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    validate_config,
+)
+
+torch.set_float32_matmul_precision("high")
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg: DictConfig) -> None:
+    if cfg.checkpoint.resume:
+        cfg.checkpoint.resume = hydra.utils.to_absolute_path(cfg.checkpoint.resume)
+    try:
+        validate_config(cfg)
+    except ValueError as err:
+        sys.exit(f"alm.py: invalid config: {err}")
+    device = resolve_device(cfg.collector.device)
+    torch.manual_seed(cfg.env.seed)
+    np.random.seed(cfg.env.seed)
+    random.seed(cfg.env.seed)
+
+    # Environments: the env steps on the CPU (MuJoCo); the policy and learner run on `device`.
+    env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
+    eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps)
+
+    # Networks, loss, optimizers and the update step.
+    modules = make_alm_modules(
+        env.observation_spec_unbatched,
+        env.action_spec_unbatched,
+        latent_dim=cfg.network.latent_dim,
+        hidden_dim=cfg.network.hidden_dim,
+        model_hidden_dim=cfg.network.model_hidden_dim,
+        noise_init=cfg.exploration.noise_init,
+        noise_end=cfg.exploration.noise_end,
+        noise_annealing_frames=cfg.exploration.annealing_frames,
+        device=device,
+    )
+    loss = ALMLoss(
+        **modules.loss_kwargs(),
+        lmbda=cfg.loss.lmbda,
+        classifier_coef=cfg.loss.classifier_coef,
+        noise_clip=cfg.loss.noise_clip,
+        actor_std=cfg.exploration.noise_init,
+    )
+    loss.make_value_estimator(gamma=cfg.optim.gamma)
+    target_updater = SoftUpdate(loss, tau=cfg.loss.tau)
+    optimizer = make_optimizers(loss, cfg.optim.lr)
+    update = make_update(loss, optimizer, target_updater, max_grad_norm=cfg.optim.max_grad_norm)
+
+    replay_buffer = make_replay_buffer(
+        size=cfg.replay_buffer.size or replay_buffer_size_for(cfg.env.name),
+        batch_size=cfg.optim.batch_size,
+        slice_len=cfg.loss.horizon,
+        device=device,
+    )
+
+    collected_frames = num_updates = 0
+    traj_id_offset = 0
+    if cfg.checkpoint.resume:
+        state = load_checkpoint(cfg.checkpoint.resume)
+        loss.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        modules.exploration_noise.load_state_dict(state["exploration_noise"])
+        restore_replay_buffer(replay_buffer, state["replay_buffer"], device)
+        set_rng_state(state["rng"])
+        collected_frames, num_updates = state["collected_frames"], state["num_updates"]
+        # New trajectory ids must not continue a stored trajectory, or the slice sampler would join them.
+        traj_id_offset = int(replay_buffer.storage[: len(replay_buffer)].get(TRAJ_KEY).max()) + 1
+        env.set_seed(cfg.env.seed + collected_frames)
+        print(f"Resumed from {cfg.checkpoint.resume} at frame {collected_frames}", file=sys.stderr)
+
+    collector = Collector(
+        env,
+        modules.policy,
+        frames_per_batch=cfg.collector.frames_per_batch,
+        total_frames=cfg.collector.total_frames - collected_frames,
+        init_random_frames=max(cfg.collector.init_random_frames - collected_frames, 0),
+        env_device="cpu",
+        policy_device=device,
+        storing_device=device,
+    )
+
+    logger = None
+    if cfg.logger.backend:
+        logger = get_logger(
+            cfg.logger.backend,
+            logger_name="alm_logging",
+            experiment_name=generate_exp_name("ALM", cfg.logger.exp_name),
+            wandb_kwargs={"config": OmegaConf.to_container(cfg, resolve=True), "project": "alm"},
+        )
+
+    checkpoint_path = Path(cfg.checkpoint.dir) / "checkpoint.pt"
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "env_name": cfg.env.name,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "collected_frames": collected_frames,
+                "num_updates": num_updates,
+                "logger_step": collected_frames,
+                "loss": loss.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "exploration_noise": modules.exploration_noise.state_dict(),
+                "replay_buffer": replay_buffer.state_dict(),
+                "rng": rng_state(),
+            },
+        )
+
+    pbar = tqdm.tqdm(total=cfg.collector.total_frames, initial=collected_frames, unit="frames")
+    pending_metrics: list[TensorDict] = []
+    last_eval_return = float("nan")
+    num_updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+    collector_iter = iter(collector)
+    for _ in range(len(collector)):
+        with timeit("collect"):
+            data = next(collector_iter)
+        data[TRAJ_KEY] += traj_id_offset
+        frames = data.numel()
+        previous_frames, collected_frames = collected_frames, collected_frames + frames
+        pbar.update(frames)
+        # Store only what the loss and the slice sampler read, not the policy's latents (3 x 50 floats a step).
+        replay_buffer.extend(data.reshape(-1).select(*loss.in_keys, TRAJ_KEY))
+
+        if collected_frames >= cfg.collector.init_random_frames:
+            # The noise anneals over the frames collected after the warm-up; the losses sample with the same std.
+            modules.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
+            loss.actor_std = float(modules.exploration_noise.sigma)
+            for _ in range(num_updates_per_batch):
+                batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
+                with timeit("update"):
+                    try:
+                        pending_metrics.append(update(batch))
+                    except NonFiniteGradientError as err:
+                        sys.exit(
+                            f"alm.py: {err} at frame {collected_frames} (update {num_updates}); "
+                            f"the last good checkpoint is kept at {checkpoint_path.resolve()}"
+                        )
+                num_updates += 1
+
+        # Training metrics are averaged and logged at episode ends, not every batch of 10 frames.
+        done = data["next", "done"].squeeze(-1)
+        metrics: dict[str, float] = {}
+        if done.any():
+            metrics["train/episode_return"] = data["next", "episode_reward"][done].mean().item()
+            metrics["train/episode_length"] = data["next", "step_count"][done].float().mean().item()
+            if pending_metrics:
+                means = torch.stack(pending_metrics).float().mean(0)
+                metrics.update({f"train/{key}": value.item() for key, value in means.items()})
+                pending_metrics.clear()
+            metrics["train/num_updates"] = num_updates
+            metrics["train/actor_std"] = float(loss.actor_std)
+            metrics["train/frames_per_s"] = pbar.format_dict["rate"] or 0.0
+            metrics.update(timeit.todict(prefix="time"))
+
+        if collected_frames // cfg.logger.eval_iter > previous_frames // cfg.logger.eval_iter:
+            with timeit("eval"):
+                result = evaluate(eval_env, modules.eval_policy, cfg.logger.num_eval_episodes,
+                                  cfg.env.max_episode_steps)
+            last_eval_return = result["return_mean"]
+            metrics.update({f"eval/{key}": value for key, value in result.items()})
+            pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")
+
+        if logger is not None:
+            for key, value in metrics.items():
+                logger.log_scalar(key, value, step=collected_frames)
+        if collected_frames // cfg.checkpoint.interval > previous_frames // cfg.checkpoint.interval:
+            checkpoint()
+
+    checkpoint()
+    pbar.close()
+    collector.shutdown()
+    eval_env.close()
+    print(f"Done: {collected_frames} frames, {num_updates} updates, last eval return {last_eval_return:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The training recipe end to end (as a subprocess), kill-and-resume, config validation, and the update helpers."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.objectives import SoftUpdate
+
+from alm_torchrl.replay import make_replay_buffer
+from alm_torchrl.training import (
+    NonFiniteGradientError,
+    load_checkpoint,
+    make_optimizers,
+    make_update,
+    restore_replay_buffer,
+    save_checkpoint,
+)
+
+from conftest import LOSS_GROUPS, slice_batch, tiny_loss
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "alm" / "alm.py"
+TINY = [
+    "network.latent_dim=4",
+    "network.hidden_dim=16",
+    "network.model_hidden_dim=16",
+    "optim.batch_size=8",
+    "collector.init_random_frames=100",
+    "collector.frames_per_batch=10",
+    "logger.num_eval_episodes=1",
+    "env.max_episode_steps=50",
+]
+SMOKE = [*TINY, "collector.total_frames=300", "logger.eval_iter=150", "checkpoint.interval=150"]
+# One intra-op thread per recipe process: the 2-core box stalls on oversubscription.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def _recipe(*overrides: str, run_dir: Path) -> list[str]:
+    return [sys.executable, str(RECIPE), *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def _run(*overrides: str, run_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _recipe(*overrides, run_dir=run_dir), env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _scalars(run_dir: Path) -> Path:
+    (scalars,) = run_dir.glob("alm_logging/*/scalars")
+    return scalars
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> dict[str, Path]:
+    runs = {}
+    for env_name in ("HalfCheetah-v5", "Pendulum-v1"):
+        run_dir = tmp_path_factory.mktemp(env_name)
+        result = _run(*SMOKE, f"env.name={env_name}", run_dir=run_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[env_name] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("env_name", ["HalfCheetah-v5", "Pendulum-v1"])
+def test_recipe_logs_evaluates_and_checkpoints(smoke_runs, env_name):
+    run_dir = smoke_runs[env_name]
+    scalars = _scalars(run_dir)
+    for name in ("train/loss_model", "train/loss_actor", "train/episode_return", "time/update", "eval/return_mean"):
+        assert (scalars / f"{name}.csv").is_file(), name
+    eval_rows = (scalars / "eval" / "return_mean.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in eval_rows] == ["150", "300"]
+    state = load_checkpoint(run_dir / "checkpoints")
+    assert state["env_name"] == env_name
+    assert state["collected_frames"] == 300
+    # Updates start once 100 frames are stored: 21 batches of 10 frames, UTD 1.
+    assert state["num_updates"] == 210
+    # The loss samples with the behaviour policy's std: 200 frames into a 1.0 -> 0.1 anneal over 100k frames.
+    assert state["loss"]["actor_std"].item() == pytest.approx(1.0 - 0.9 * 200 / 100_000)
+    assert state["exploration_noise"]["sigma"].item() == pytest.approx(state["loss"]["actor_std"].item())
+
+
+def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
+    first = tmp_path / "first"
+    proc = subprocess.Popen(
+        _recipe(*TINY, "env.name=Pendulum-v1", "collector.total_frames=100000", "checkpoint.interval=150",
+                "logger.eval_iter=100000", run_dir=first),
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    checkpoint = first / "checkpoints" / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 60
+        while not checkpoint.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    saved_dir = tmp_path / "saved"
+    saved_dir.mkdir()
+    shutil.copy(checkpoint, saved_dir / "checkpoint.pt")  # the checkpoint as the kill left it
+    saved = load_checkpoint(saved_dir)
+    frames = saved["collected_frames"]
+    assert frames >= 150 and frames % 150 < 10
+
+    second = tmp_path / "second"
+    result = _run(*TINY, "env.name=Pendulum-v1", f"collector.total_frames={frames + 50}", "checkpoint.interval=150",
+                  "logger.eval_iter=100000", f"checkpoint.resume={saved_dir}", run_dir=second)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at frame {frames}" in result.stderr
+    resumed = load_checkpoint(second / "checkpoints")
+    assert resumed["collected_frames"] == frames + 50
+    assert resumed["num_updates"] == saved["num_updates"] + 50
+    assert resumed["exploration_noise"]["sigma"] < saved["exploration_noise"]["sigma"]
+
+    old_data, new_data = _stored_transitions(saved), _stored_transitions(resumed)
+    assert (len(old_data), len(new_data)) == (frames, frames + 50)
+    assert (new_data[:frames] == old_data).all()
+    traj_key = ("collector", "traj_ids")
+    # New trajectories get fresh ids, so no slice can join the killed run's last episode to the new one.
+    assert new_data[frames:][traj_key].min() > old_data[traj_key].max()
+
+
+def _stored_transitions(state: dict) -> TensorDictBase:
+    buffer = make_replay_buffer(size=100_000, batch_size=8, slice_len=3)
+    restore_replay_buffer(buffer, state["replay_buffer"], torch.device("cpu"))
+    return buffer.storage[: len(buffer)]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["env.name=HalfCheeta-v5"], "Unknown environment 'HalfCheeta-v5'"),
+        (["loss.horizon=0"], "loss.horizon must be >= 1"),
+        (["optim.batch_size=0"], "optim.batch_size must be >= 1"),
+        (["checkpoint.resume=/nonexistent/ckpt"], "no checkpoint at '/nonexistent/ckpt/checkpoint.pt'"),
+        pytest.param(["collector.device=cuda"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line(tmp_path, overrides, message):
+    start = time.monotonic()
+    result = _run(*overrides, run_dir=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("alm.py:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.monotonic() - start < 30
+
+
+def test_resume_from_another_env_fails(smoke_runs, tmp_path):
+    result = _run("env.name=Pendulum-v1", f"checkpoint.resume={smoke_runs['HalfCheetah-v5'] / 'checkpoints'}",
+                  run_dir=tmp_path)
+    assert result.returncode != 0
+    assert "was trained on env.name='HalfCheetah-v5', not env.name='Pendulum-v1'" in result.stderr
+
+
+def test_resume_of_a_finished_run_fails(smoke_runs, tmp_path):
+    result = _run("env.name=Pendulum-v1", "collector.total_frames=300",
+                  f"checkpoint.resume={smoke_runs['Pendulum-v1'] / 'checkpoints'}", run_dir=tmp_path)
+    assert result.returncode != 0
+    assert "already holds 300 frames, >= collector.total_frames=300" in result.stderr
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    loss = tiny_loss()
+    optimizer = make_optimizers(loss, lr=1e-4)
+    names = {id(p): name for name, p in loss.named_parameters()}
+    groups = {group["name"]: {names[id(p)] for p in group["params"]} for group in optimizer.param_groups}
+    assert sorted(name for group in groups.values() for name in group) == sorted(names.values())
+    prefixes = {name: tuple(p.split(".")[0] for p in group) for name, group in groups.items()}
+    assert set(prefixes["model"]) == {"encoder_params", "world_model_params"}
+    assert set(prefixes["reward_classifier"]) == {"reward_model_params", "classifier_params"}
+    assert set(LOSS_GROUPS) == {"loss_model", "loss_reward", "loss_classifier", "loss_qvalue", "loss_actor"}
+
+
+def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters_alone():
+    loss = tiny_loss()
+    optimizer = make_optimizers(loss, lr=1e-3)
+    update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005))
+    metrics = update(slice_batch())
+    assert {"loss_model", "grad_norm_model", "grad_norm_actor"} <= set(metrics.keys())
+    before = {name: p.detach().clone() for name, p in loss.named_parameters()}
+    next(iter(loss.qvalue_network_params.values(True, True))).register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(NonFiniteGradientError, match="'qvalue'"):
+        update(slice_batch(seed=2))
+    assert all(torch.equal(before[name], p) for name, p in loss.named_parameters())
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"frames": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"frames": 2, "unpicklable": lambda: None})
+    assert load_checkpoint(path) == {"frames": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_restore_replay_buffer_puts_the_transitions_on_the_buffer_device():
+    source = make_replay_buffer(size=50, batch_size=2, slice_len=3)
+    source.extend(TensorDict({"observation": torch.randn(20, 3), ("collector", "traj_ids"): torch.zeros(20).long()},
+                             batch_size=[20]))
+    # "meta" stands in for cuda: a fresh lazy storage would otherwise adopt the checkpoint's CPU tensors.
+    target = make_replay_buffer(size=50, batch_size=2, slice_len=3, device="meta")
+    restore_replay_buffer(target, source.state_dict(), torch.device("meta"))
+    assert len(target) == 20
+    assert {tensor.device.type for tensor in target.storage[:20].values(True, True)} == {"meta"}
