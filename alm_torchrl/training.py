@@ -232,6 +232,23 @@ def validate_config(cfg: Any) -> None:
         raise ValueError(f"loss.horizon must be >= 1 (the slice length K; paper: 3), got {cfg.loss.horizon}")
     if cfg.optim.batch_size < 1:
         raise ValueError(f"optim.batch_size must be >= 1 (paper: 512), got {cfg.optim.batch_size}")
+    # Slices never cross an episode boundary, so no stored episode could fill a longer slice.
+    if cfg.loss.horizon > cfg.env.max_episode_steps:
+        raise ValueError(
+            f"loss.horizon={cfg.loss.horizon} is longer than any episode (env.max_episode_steps="
+            f"{cfg.env.max_episode_steps}); use loss.horizon <= env.max_episode_steps"
+        )
+    if cfg.collector.init_random_frames < cfg.loss.horizon:
+        raise ValueError(
+            f"collector.init_random_frames={cfg.collector.init_random_frames} cannot fill one slice of "
+            f"loss.horizon={cfg.loss.horizon} before the first update; use at least {cfg.loss.horizon}"
+        )
+    buffer_size = cfg.replay_buffer.size
+    if buffer_size is not None and buffer_size < cfg.optim.batch_size * cfg.loss.horizon:
+        raise ValueError(
+            f"replay_buffer.size={buffer_size} is smaller than one batch of optim.batch_size x loss.horizon = "
+            f"{cfg.optim.batch_size * cfg.loss.horizon} transitions; raise replay_buffer.size or lower the batch"
+        )
     if cfg.collector.device not in ("auto", None):
         try:
             resolve_device(cfg.collector.device)
