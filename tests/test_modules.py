@@ -105,9 +105,11 @@ def test_behaviour_policy_noise_anneals_and_clamps():
 
 def test_policy_runs_in_a_torchrl_collector():
     from torchrl.collectors import Collector
-    from torchrl.envs import GymEnv
+    from torchrl.envs import GymEnv, InitTracker, TransformedEnv
 
-    env = GymEnv("Pendulum-v1")
+    # TorchRL 0.14's Collector warns about any module policy on an env without InitTracker
+    # (0.15 appends one); make_env always adds it, so do the same here
+    env = TransformedEnv(GymEnv("Pendulum-v1"), InitTracker())
     torch.manual_seed(0)
     modules = make_alm_modules(env.observation_spec_unbatched, env.action_spec_unbatched,
                                latent_dim=4, hidden_dim=16, model_hidden_dim=16)
