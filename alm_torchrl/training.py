@@ -6,8 +6,10 @@ worth testing on its own (optimizer groups, the update step, evaluation, checkpo
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,21 +19,32 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDictBase
-from torchrl.data import ReplayBuffer
+from tensordict.nn import CudaGraphModule
+from torchrl.collectors import Collector
+from torchrl.data import ReplayBuffer, TensorDictReplayBuffer
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl._utils import compile_with_warmup
 from torchrl.objectives import LossModule, SoftUpdate
 
-from alm_torchrl.envs import check_env_name
+from alm_torchrl.envs import check_env_name, replay_buffer_size_for
+from alm_torchrl.modules import ALMModules, make_alm_modules
+from alm_torchrl.objectives import ALMLoss
+from alm_torchrl.replay import make_replay_buffer
 
 __all__ = [
     "CHECKPOINT_FILENAME",
     "OPTIMIZER_GROUPS",
     "NonFiniteGradientError",
     "checkpoint_file",
+    "configure_cpu_runtime",
     "evaluate",
     "load_checkpoint",
+    "make_collector",
+    "make_loss",
+    "make_modules",
     "make_optimizers",
+    "make_recipe_replay_buffer",
     "make_update",
     "resolve_device",
     "restore_replay_buffer",
@@ -71,7 +84,98 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizers(loss: LossModule, lr: float) -> torch.optim.Adam:
+def configure_cpu_runtime(num_threads: int | None = None, *, keep_freed_memory: bool = True) -> None:
+    """Set torch's intra-op threads and keep freed heap memory in the process (glibc only).
+
+    One ALM update allocates and frees a few hundred MB of activations. glibc's default
+    malloc hands large blocks back to the kernel (mmap'd chunks, heap trimming), so every update
+    page-faults them in again: about 12,000 minor faults and 13 ms per update on a 2-core CPU
+    (benchmarks/README.md). Raising the mmap and trim thresholds keeps that memory in the
+    process; PyTorch's CPU tuning guide gets the same effect by swapping in jemalloc or tcmalloc.
+    ``num_threads=None`` keeps torch's default (one thread per physical core).
+    """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    if not keep_freed_memory or not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value on 64-bit
+    mallopt(m_trim_threshold, 2**30)
+
+
+def make_modules(cfg: Any, env: EnvBase, device: torch.device) -> ALMModules:
+    """ALM's networks and policies for ``env``, sized and scheduled by the recipe config."""
+    return make_alm_modules(
+        env.observation_spec_unbatched,
+        env.action_spec_unbatched,
+        latent_dim=cfg.network.latent_dim,
+        hidden_dim=cfg.network.hidden_dim,
+        model_hidden_dim=cfg.network.model_hidden_dim,
+        noise_init=cfg.exploration.noise_init,
+        noise_end=cfg.exploration.noise_end,
+        noise_annealing_frames=cfg.exploration.annealing_frames,
+        device=device,
+    )
+
+
+def make_recipe_replay_buffer(cfg: Any, device: torch.device) -> TensorDictReplayBuffer:
+    """The slice replay buffer on ``device``; ``replay_buffer.prefetch=null`` prefetches 3 batches on CUDA only."""
+    prefetch = cfg.replay_buffer.prefetch
+    if prefetch is None:
+        prefetch = 3 if device.type == "cuda" else 0
+    return make_replay_buffer(
+        size=cfg.replay_buffer.size or replay_buffer_size_for(cfg.env.name),
+        batch_size=cfg.optim.batch_size,
+        slice_len=cfg.loss.horizon,
+        device=device,
+        prefetch=prefetch,
+    )
+
+
+def make_collector(
+    cfg: Any, env: EnvBase, policy: Callable, device: torch.device, collected_frames: int = 0
+) -> Collector:
+    """The training collector: random actions for the first ``init_random_frames``, then ``policy``.
+
+    ``collected_frames`` (on resume) shortens the run and the warm-up by what was already collected. The env steps
+    on the CPU; the policy runs and the batches are stored on ``device``.
+    """
+    return Collector(
+        env,
+        policy,
+        frames_per_batch=cfg.collector.frames_per_batch,
+        total_frames=cfg.collector.total_frames - collected_frames,
+        init_random_frames=max(cfg.collector.init_random_frames - collected_frames, 0),
+        env_device="cpu",
+        policy_device=device,
+        storing_device=device,
+    )
+
+
+def make_loss(cfg: Any, modules: ALMModules, device: torch.device) -> ALMLoss:
+    """The recipe's :class:`ALMLoss`, with its discount set through ``make_value_estimator``.
+
+    On the CPU without ``torch.compile`` the critics run in a Python loop instead of ``vmap``:
+    eager vmap over two critics adds about 30 ms of Python and strided-kernel overhead per update
+    at the paper's sizes (benchmarks/README.md). Compiled, or on CUDA, vmap is the faster choice.
+    """
+    loss = ALMLoss(
+        **modules.loss_kwargs(),
+        lmbda=cfg.loss.lmbda,
+        classifier_coef=cfg.loss.classifier_coef,
+        noise_clip=cfg.loss.noise_clip,
+        actor_std=cfg.exploration.noise_init,
+        deactivate_vmap=device.type == "cpu" and not cfg.compile.compile,
+    )
+    loss.make_value_estimator(gamma=cfg.optim.gamma)
+    return loss
+
+
+def make_optimizers(loss: LossModule, lr: float, *, capturable: bool = False) -> torch.optim.Adam:
     """One Adam holding ALM's four optimizers as named param groups (what ``group_optimizers`` would build).
 
     A single optimizer gives the update one ``step()`` call site while keeping per-group gradient clipping (each
@@ -89,10 +193,10 @@ def make_optimizers(loss: LossModule, lr: float) -> torch.optim.Adam:
     orphans = [name for name, p in named.items() if id(p) not in grouped]
     if orphans:
         raise ValueError(f"loss parameters in no optimizer group: {orphans}")
-    device = next(iter(named.values())).device
-    # fused Adam is the fastest on CUDA; on CPU foreach batches the tiny per-layer ops.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.Adam(groups, lr=lr, **fast)
+    # fused Adam: one kernel per group on CUDA; on the CPU its step alone takes 1.3 ms for ALM's 3M parameters on
+    # 2 cores, against 11.5 ms foreach (within the noise of a whole update there; benchmarks/README.md).
+    # capturable keeps the step count on the device, which replaying the step as a CUDA graph needs.
+    return torch.optim.Adam(groups, lr=lr, fused=True, capturable=capturable)
 
 
 def make_update(
@@ -100,37 +204,77 @@ def make_update(
     optimizer: torch.optim.Optimizer,
     target_updater: SoftUpdate,
     max_grad_norm: float = 100.0,
+    *,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    cudagraphs: bool = False,
 ) -> Callable[[TensorDictBase], TensorDictBase]:
     """Return ``update(batch)``: one ALM gradient step on a ``[B, K]`` slice batch, returning detached metrics.
 
     All five losses are summed and back-propagated once (ALMLoss isolates each loss's gradient to its own group),
     each optimizer group's gradient norm is clipped to ``max_grad_norm`` as in the reference code, then one optimizer
-    step and the Polyak target update. A non-finite norm raises :class:`NonFiniteGradientError` *before* the step,
-    so the parameters stay finite and the last checkpoint stays valid.
+    step and the Polyak target update. A non-finite norm raises :class:`NonFiniteGradientError`, before the step
+    in eager and compiled mode, so the parameters stay finite. A CUDA graph cannot branch on a value, so with
+    ``cudagraphs`` the check comes after the replayed step; the run stops either way and the last checkpoint on disk
+    is untouched.
+
+    ``compile`` wraps the loss and backward in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager
+    warm-up call); ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be
+    built with ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
     """
     group_names = [group["name"] for group in optimizer.param_groups]
 
-    def update(batch: TensorDictBase) -> TensorDictBase:
+    def gradient_pass(batch: TensorDictBase) -> TensorDictBase:
         losses = loss(batch)
         total = sum(value for key, value in losses.items() if key.startswith("loss_"))
         total.backward()
-        norms = torch.stack(
-            [
-                torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm, error_if_nonfinite=False)
-                for group in optimizer.param_groups
-            ]
-        )
-        # One host sync per update for all groups, instead of one per group.
-        if not torch.isfinite(norms).all():
-            optimizer.zero_grad(set_to_none=True)
-            bad = int((~torch.isfinite(norms)).nonzero()[0])
-            raise NonFiniteGradientError(group_names[bad], norms[bad].item())
+        losses = losses.detach()
+        for group in optimizer.param_groups:
+            norm = torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm, error_if_nonfinite=False)
+            losses.set(f"grad_norm_{group['name']}", norm)
+        return losses
+
+    def parameter_pass() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         target_updater.step()
-        for name, norm in zip(group_names, norms):
-            losses.set(f"grad_norm_{name}", norm)
-        return losses.detach()
+
+    def raise_if_nonfinite(metrics: TensorDictBase) -> None:
+        # One host sync per update for all groups, instead of one per group.
+        norms = torch.stack([metrics.get(f"grad_norm_{name}") for name in group_names])
+        if not torch.isfinite(norms).all():
+            bad = int((~torch.isfinite(norms)).nonzero()[0])
+            raise NonFiniteGradientError(group_names[bad], norms[bad].item())
+
+    if compile:
+        gradient_pass = compile_with_warmup(gradient_pass, mode=compile_mode, warmup=1)
+
+    if cudagraphs:
+
+        def full_step(batch: TensorDictBase) -> TensorDictBase:
+            metrics = gradient_pass(batch)
+            parameter_pass()
+            return metrics
+
+        graph_step = CudaGraphModule(full_step, in_keys=[], out_keys=[], warmup=5)
+
+        def update(batch: TensorDictBase) -> TensorDictBase:
+            torch.compiler.cudagraph_mark_step_begin()
+            metrics = graph_step(batch).clone()  # the graph's output buffers are overwritten by the next replay
+            raise_if_nonfinite(metrics)
+            return metrics
+
+        return update
+
+    def update(batch: TensorDictBase) -> TensorDictBase:
+        metrics = gradient_pass(batch)
+        try:
+            raise_if_nonfinite(metrics)
+        except NonFiniteGradientError:
+            optimizer.zero_grad(set_to_none=True)
+            raise
+        parameter_pass()
+        return metrics
 
     return update
 
@@ -254,6 +398,14 @@ def validate_config(cfg: Any) -> None:
             resolve_device(cfg.collector.device)
         except RuntimeError as err:
             raise ValueError(f"collector.device={cfg.collector.device!r} is not a valid torch device: {err}") from None
+    num_threads = cfg.compile.num_threads
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"compile.num_threads must be a positive integer or null (one per core), got {num_threads!r}")
+    if cfg.compile.cudagraphs and resolve_device(cfg.collector.device or "auto").type != "cuda":
+        raise ValueError(
+            "compile.cudagraphs=true needs a CUDA device (collector.device="
+            f"{cfg.collector.device!r} resolves to the CPU here); use compile.cudagraphs=false"
+        )
     if cfg.checkpoint.resume:
         resume = checkpoint_file(cfg.checkpoint.resume)
         if not resume.is_file():

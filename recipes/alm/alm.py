@@ -20,19 +20,21 @@ import tqdm
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from torchrl import timeit
-from torchrl.collectors import Collector
 from torchrl.objectives import SoftUpdate
 from torchrl.record.loggers import generate_exp_name, get_logger
 
-from alm_torchrl import make_alm_modules
-from alm_torchrl.envs import make_env, replay_buffer_size_for
-from alm_torchrl.objectives import ALMLoss
-from alm_torchrl.replay import TRAJ_KEY, make_replay_buffer, sample_slices
+from alm_torchrl.envs import make_env
+from alm_torchrl.replay import TRAJ_KEY, sample_slices
 from alm_torchrl.training import (
     NonFiniteGradientError,
+    configure_cpu_runtime,
     evaluate,
     load_checkpoint,
+    make_collector,
+    make_loss,
+    make_modules,
     make_optimizers,
+    make_recipe_replay_buffer,
     make_update,
     resolve_device,
     restore_replay_buffer,
@@ -54,6 +56,8 @@ def main(cfg: DictConfig) -> None:
     except ValueError as err:
         sys.exit(f"alm.py: invalid config: {err}")
     device = resolve_device(cfg.collector.device)
+    configure_cpu_runtime(cfg.compile.num_threads)
+    timeit.reset()  # a process-pool launcher may run several jobs in one process
     torch.manual_seed(cfg.env.seed)
     np.random.seed(cfg.env.seed)
     random.seed(cfg.env.seed)
@@ -63,40 +67,26 @@ def main(cfg: DictConfig) -> None:
     eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps)
 
     # Networks, loss, optimizers and the update step.
-    modules = make_alm_modules(
-        env.observation_spec_unbatched,
-        env.action_spec_unbatched,
-        latent_dim=cfg.network.latent_dim,
-        hidden_dim=cfg.network.hidden_dim,
-        model_hidden_dim=cfg.network.model_hidden_dim,
-        noise_init=cfg.exploration.noise_init,
-        noise_end=cfg.exploration.noise_end,
-        noise_annealing_frames=cfg.exploration.annealing_frames,
-        device=device,
-    )
-    loss = ALMLoss(
-        **modules.loss_kwargs(),
-        lmbda=cfg.loss.lmbda,
-        classifier_coef=cfg.loss.classifier_coef,
-        noise_clip=cfg.loss.noise_clip,
-        actor_std=cfg.exploration.noise_init,
-    )
-    loss.make_value_estimator(gamma=cfg.optim.gamma)
+    modules = make_modules(cfg, env, device)
+    loss = make_loss(cfg, modules, device)
     target_updater = SoftUpdate(loss, tau=cfg.loss.tau)
-    optimizer = make_optimizers(loss, cfg.optim.lr)
-    update = make_update(loss, optimizer, target_updater, max_grad_norm=cfg.optim.max_grad_norm)
-
-    replay_buffer = make_replay_buffer(
-        size=cfg.replay_buffer.size or replay_buffer_size_for(cfg.env.name),
-        batch_size=cfg.optim.batch_size,
-        slice_len=cfg.loss.horizon,
-        device=device,
+    optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
+    update = make_update(
+        loss,
+        optimizer,
+        target_updater,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        compile=cfg.compile.compile,
+        compile_mode=cfg.compile.compile_mode,
+        cudagraphs=cfg.compile.cudagraphs,
     )
+
+    replay_buffer = make_recipe_replay_buffer(cfg, device)
 
     collected_frames = num_updates = 0
     traj_id_offset = 0
     if cfg.checkpoint.resume:
-        state = load_checkpoint(cfg.checkpoint.resume)
+        state = load_checkpoint(cfg.checkpoint.resume, mmap=True)  # a 1e6 buffer is ~3 GB: map it, do not copy it
         loss.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         modules.exploration_noise.load_state_dict(state["exploration_noise"])
@@ -108,16 +98,7 @@ def main(cfg: DictConfig) -> None:
         env.set_seed(cfg.env.seed + collected_frames)
         print(f"Resumed from {cfg.checkpoint.resume} at frame {collected_frames}", file=sys.stderr)
 
-    collector = Collector(
-        env,
-        modules.policy,
-        frames_per_batch=cfg.collector.frames_per_batch,
-        total_frames=cfg.collector.total_frames - collected_frames,
-        init_random_frames=max(cfg.collector.init_random_frames - collected_frames, 0),
-        env_device="cpu",
-        policy_device=device,
-        storing_device=device,
-    )
+    collector = make_collector(cfg, env, modules.policy, device, collected_frames)
 
     logger = None
     if cfg.logger.backend:

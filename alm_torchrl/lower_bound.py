@@ -1,0 +1,297 @@
+"""Bias of ALM's K-step lower bound against Monte-Carlo returns (the paper's Appendix E, Fig. 4 and 8).
+
+The protocol follows REDQ (Chen et al., 2021), as the paper says it does: run the evaluation (mean-action) policy,
+take the discounted Monte-Carlo return ``G_t = sum_{j >= t} gamma^(j - t) r_j`` of the rest of the episode at each of
+the first ``num_states`` (350) states, estimate the lower bound ``LB(s_t, a_t)`` at the same states, and report the mean
+and std of the normalised bias ``(LB - G) / max(|G|, 10)`` over all those states and episodes.
+
+The K-step estimate, with ``c`` the loss's ``classifier_coef`` and ``gamma`` its ``value_estimator.gamma``::
+
+    LB(s) = sum_{t=0}^{K-1} gamma^t (r(z_t, a_t) + c (logit_1 - logit_0)(C(z_t, a_t, z_{t+1})))
+            + gamma^K min_i Q_i(z_K, a_K)
+
+rolled out from ``z_0 = e(s)`` through the world model with the actor's mean actions (no noise). It is the objective
+the actor maximises (Eq. 8, with ``lambda = 1``), evaluated instead of optimised.
+
+Choices, and how they relate to the reference code (``RajGhugare19/alm``, ``AlmAgent.get_lower_bound``):
+
+- **Latents: means by default.** ``z_0`` is the encoder's mean and ``z_{t+1}`` the world model's mean, so the
+  estimate is deterministic and has no sampling noise of its own; it is also the latent the evaluation policy
+  acts on under ``ExplorationType.DETERMINISTIC``. The reference code samples both; ``sample_latents=True`` does too.
+- **Encoder: the online one by default**, the one the evaluation policy acts with, so ``a_0 = pi(z_0)`` is exactly
+  the action whose return ``G_t`` measures. The reference code encodes ``s`` with the *target* encoder;
+  ``target_encoder=True`` does too. (The paper itself does not say which.)
+- **First action: the one taken.** :func:`lower_bound_bias` passes each state's recorded action as ``a_0``, as the
+  reference code does (the paper writes ``L(s, a)``); with the defaults it equals ``pi(z_0)`` anyway.
+- **Sign: the paper's ``(LB - G)``**, so a negative bias means the bound sits below the returns. The reference
+  code logs ``G - LB`` (the opposite sign).
+- Imagined steps never terminate (as in the actor loss and the reference code); ALM's networks have no dropout or
+  batch norm, so train and eval mode compute the same thing and the modules' mode is left alone.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import distributions as d
+from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.objectives.value.functional import reward2go
+
+__all__ = [
+    "DEFAULT_HORIZON",
+    "DEFAULT_NUM_STATES",
+    "NORMALISATION_FLOOR",
+    "discounted_returns",
+    "lower_bound_bias",
+    "lower_bound_estimate",
+    "normalised_bias",
+]
+
+DEFAULT_HORIZON = 3
+"""The paper's rollout length K (Table 3), also the training horizon of the recipe's default config."""
+DEFAULT_NUM_STATES = 350
+"""States per evaluation episode at which the bias is measured (REDQ's and ALM's ``n_mc_cutoff``)."""
+NORMALISATION_FLOOR = 10.0
+"""The bias at a state is divided by ``max(|G|, NORMALISATION_FLOOR)`` (REDQ's floor)."""
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- network calls
+# Each helper calls one of the loss's networks through its functional parameters, as ALMLoss's private helpers do.
+
+
+def _latent_dist(network: TensorDictModuleBase, params: TensorDictBase, inputs: TensorDictBase) -> d.Distribution:
+    with params.to_module(network, preserve_module_state=False):
+        return network.get_dist(inputs)
+
+
+def _latent(dist: d.Distribution, sample: bool) -> torch.Tensor:
+    return dist.sample() if sample else dist.mean
+
+
+def _encode(loss, observation: torch.Tensor, params: TensorDictBase) -> d.Distribution:
+    inputs = TensorDict({loss.tensor_keys.observation: observation}, batch_size=observation.shape[:-1])
+    return _latent_dist(loss.encoder, params, inputs)
+
+
+def _predict_next_latent(loss, latent: torch.Tensor, action: torch.Tensor) -> d.Distribution:
+    keys = loss.tensor_keys
+    inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
+    return _latent_dist(loss.world_model, loss.world_model_params, inputs)
+
+
+def _predict_reward(loss, latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    keys = loss.tensor_keys
+    inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
+    with loss.reward_model_params.to_module(loss.reward_model, preserve_module_state=False):
+        return loss.reward_model(inputs).get(keys.predicted_reward).squeeze(-1)
+
+
+def _classifier_reward(loss, latent: torch.Tensor, action: torch.Tensor, next_latent: torch.Tensor) -> torch.Tensor:
+    """``log C / (1 - C)`` for the "real" class: logit 1 minus logit 0, as in the actor loss."""
+    keys = loss.tensor_keys
+    inputs = TensorDict(
+        {keys.latent: latent, keys.action: action, keys.next_latent: next_latent}, batch_size=latent.shape[:-1]
+    )
+    with loss.classifier_params.to_module(loss.classifier, preserve_module_state=False):
+        logits = loss.classifier(inputs).get(keys.classifier_logits)
+    return logits[..., 1] - logits[..., 0]
+
+
+def _actor_mean(loss, latent: torch.Tensor) -> torch.Tensor:
+    keys = loss.tensor_keys
+    inputs = TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1])
+    with loss.actor_network_params.to_module(loss.actor_network, preserve_module_state=False):
+        return loss.actor_network(inputs).get(keys.action)
+
+
+def _min_qvalue(loss, latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """``min_i Q_i(z, a)`` over the online critics, whose parameters are stacked on dim 0 (any number of them)."""
+    keys = loss.tensor_keys
+    inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
+    values = []
+    for critic_params in loss.qvalue_network_params.unbind(0):
+        with critic_params.to_module(loss.qvalue_network, preserve_module_state=False):
+            values.append(loss.qvalue_network(inputs.copy()).get(keys.state_action_value).squeeze(-1))
+    return torch.stack(values).min(0).values
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+@torch.no_grad()
+def lower_bound_estimate(
+    loss,
+    observation: torch.Tensor,
+    horizon: int = DEFAULT_HORIZON,
+    action: torch.Tensor | None = None,
+    *,
+    target_encoder: bool = False,
+    sample_latents: bool = False,
+) -> torch.Tensor:
+    """ALM's K-step lower bound ``LB(s)`` at each state of a batch (see the module docstring for the formula).
+
+    Args:
+        loss: an :class:`~alm_torchrl.objectives.ALMLoss`; its networks are called through their parameters, with
+            its ``tensor_keys``, its ``classifier_coef`` as ``c`` and its ``value_estimator.gamma`` as ``gamma``.
+        observation: states, shape ``[*batch, obs]`` (e.g. ``[N, obs]``), on the loss's device.
+        horizon: the number K of imagined steps (>= 1); the training horizon by default (3, as in the paper).
+        action: the first action ``a_0``, shape ``[*batch, act]``; defaults to the actor's mean at ``z_0``. Every
+            later action is the actor's mean.
+
+    Keyword Args:
+        target_encoder: encode ``s`` with the target encoder (as the reference code does) instead of the online one.
+        sample_latents: sample ``z_0`` and every ``z_{t+1}`` (as the reference code does) instead of taking means.
+
+    Returns:
+        One value per state, shape ``[*batch]``.
+    """
+    _check_positive("horizon", horizon)
+    gamma = float(loss.value_estimator.gamma)
+    classifier_coef = float(loss.classifier_coef)
+    encoder_params = loss.target_encoder_params if target_encoder else loss.encoder_params
+
+    latent = _latent(_encode(loss, observation, encoder_params), sample_latents)
+    if action is None:
+        action = _actor_mean(loss, latent)
+    lower_bound = torch.zeros(latent.shape[:-1], dtype=latent.dtype, device=latent.device)
+    discount = 1.0
+    for _ in range(horizon):
+        next_latent = _latent(_predict_next_latent(loss, latent, action), sample_latents)
+        step_reward = _predict_reward(loss, latent, action)
+        step_reward = step_reward + classifier_coef * _classifier_reward(loss, latent, action, next_latent)
+        lower_bound = lower_bound + discount * step_reward
+        discount *= gamma
+        latent = next_latent
+        action = _actor_mean(loss, latent)
+    return lower_bound + discount * _min_qvalue(loss, latent, action)
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted reward-to-go ``G_t = sum_{j >= t} gamma^(j - t) r_j`` of one episode.
+
+    Args:
+        rewards: the episode's rewards in time order, shape ``[T]`` or ``[T, 1]`` (a rollout's
+            ``("next", "reward")``). The episode is taken as one trajectory: nothing is bootstrapped after its last
+            step, whether it terminated or was truncated.
+        gamma: the discount, in ``[0, 1]``.
+
+    Returns:
+        ``G_0 .. G_{T-1}``, shape ``[T]``, in the rewards' dtype (computed in float64).
+    """
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    if rewards.ndim == 2 and rewards.shape[-1] == 1:
+        rewards = rewards.squeeze(-1)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must have shape [T] or [T, 1] (one episode), got {tuple(rewards.shape)}")
+    if rewards.numel() == 0 or float(gamma) == 0.0:
+        return rewards.clone()  # G_t = r_t (reward2go fails on gamma = 0)
+    # TorchRL's reward-to-go over time dim -2; with no done flag set the whole sequence is one trajectory. It drops
+    # the discount weights below 1e-7 (after 1603 steps at gamma = 0.99), far below float32 precision.
+    as_column = rewards.to(torch.float64).unsqueeze(-1)
+    returns = reward2go(as_column, torch.zeros_like(as_column, dtype=torch.bool), float(gamma), time_dim=-2)
+    return returns.squeeze(-1).to(rewards.dtype)
+
+
+def normalised_bias(lower_bounds: torch.Tensor, mc_returns: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of ``(LB - G) / max(|G|, 10)`` over all states (REDQ's normalisation, the paper's sign).
+
+    The std is the population std (``correction=0``, numpy's default, as the reference code's ``np.std``).
+    """
+    if lower_bounds.shape != mc_returns.shape:
+        raise ValueError(
+            f"lower_bounds and mc_returns must have the same shape, got {tuple(lower_bounds.shape)} "
+            f"and {tuple(mc_returns.shape)}"
+        )
+    if lower_bounds.numel() == 0:
+        raise ValueError("normalised_bias needs at least one state, got empty tensors")
+    lower_bounds, mc_returns = lower_bounds.to(torch.float64), mc_returns.to(torch.float64)
+    bias = (lower_bounds - mc_returns) / mc_returns.abs().clamp_min(NORMALISATION_FLOOR)
+    return bias.mean().item(), bias.std(correction=0).item()
+
+
+def lower_bound_bias(
+    env: EnvBase,
+    loss,
+    eval_policy: Callable,
+    num_episodes: int,
+    horizon: int = DEFAULT_HORIZON,
+    max_steps: int = 1000,
+    num_states: int = DEFAULT_NUM_STATES,
+    *,
+    target_encoder: bool = False,
+    sample_latents: bool = False,
+) -> dict[str, float]:
+    """Normalised bias of the lower bound against the Monte-Carlo returns of the evaluation policy (Appendix E).
+
+    Runs ``num_episodes`` episodes of ``eval_policy`` under ``ExplorationType.DETERMINISTIC`` (mean action, like
+    :func:`alm_torchrl.training.evaluate`), each up to ``max_steps`` steps. In each episode the discounted return
+    ``G_t`` of the rest of the episode is computed at every step (no bootstrap after the last step), and the first
+    ``num_states`` states ``s_0 .. s_{num_states - 1}`` are kept; an episode shorter than ``num_states`` contributes
+    all its states. ``LB(s_t, a_t)`` is :func:`lower_bound_estimate` at those states with the recorded actions as
+    ``a_0``.
+
+    Args:
+        env: an unbatched env (e.g. :func:`alm_torchrl.envs.make_env`) writing the loss's observation, action and
+            ``("next", reward)`` keys.
+        loss: the :class:`~alm_torchrl.objectives.ALMLoss` whose networks give the bound; ``gamma`` is its
+            ``value_estimator.gamma`` for both the bound and the returns.
+        eval_policy: the mean-action policy (``modules.eval_policy``), acting with the same networks.
+        num_episodes: evaluation episodes (>= 1).
+        horizon: the bound's K (>= 1).
+        max_steps: the longest episode (>= 1); keep it >> ``num_states`` so that ``G_t`` covers enough of the future
+            (the paper's episodes last 1000 steps).
+        num_states: states per episode (>= 1); 350 in the paper.
+
+    Keyword Args:
+        target_encoder, sample_latents: passed to :func:`lower_bound_estimate`.
+
+    Returns:
+        ``lower_bound_bias_mean`` and ``lower_bound_bias_std`` (the normalised bias), ``lower_bound_mean`` and
+        ``mc_return_mean`` (raw means of ``LB`` and ``G`` over the same states) and ``num_states`` (their count).
+    """
+    _check_positive("num_episodes", num_episodes)
+    _check_positive("horizon", horizon)
+    _check_positive("max_steps", max_steps)
+    _check_positive("num_states", num_states)
+    keys = loss.tensor_keys
+    gamma = float(loss.value_estimator.gamma)
+    device = next(loss.parameters()).device
+    lower_bounds, mc_returns = [], []
+    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        for _ in range(num_episodes):
+            rollout = env.rollout(max_steps, eval_policy, auto_cast_to_device=True, break_when_any_done=True)
+            if rollout.batch_dims != 1:
+                raise ValueError(
+                    f"lower_bound_bias needs an unbatched env (rollout of shape [T]), got {list(rollout.batch_size)}"
+                )
+            mc_returns.append(discounted_returns(rollout.get(("next", keys.reward)), gamma)[:num_states].cpu())
+            states = rollout[:num_states]
+            lower_bounds.append(
+                lower_bound_estimate(
+                    loss,
+                    states.get(keys.observation).to(device),
+                    horizon,
+                    states.get(keys.action).to(device),
+                    target_encoder=target_encoder,
+                    sample_latents=sample_latents,
+                ).cpu()
+            )
+    lower_bound, mc_return = torch.cat(lower_bounds), torch.cat(mc_returns)
+    bias_mean, bias_std = normalised_bias(lower_bound, mc_return)
+    return {
+        "lower_bound_bias_mean": bias_mean,
+        "lower_bound_bias_std": bias_std,
+        "lower_bound_mean": lower_bound.mean().item(),
+        "mc_return_mean": mc_return.mean().item(),
+        "num_states": lower_bound.numel(),
+    }

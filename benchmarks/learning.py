@@ -1,0 +1,301 @@
+"""Small-scale learning benchmark: does ALM learn? (about 33 minutes on an otherwise idle 2-core CPU machine)
+
+Trains ALM with the recipe (``recipes/alm/alm.py``) on Pendulum-v1, InvertedPendulum-v5 and HalfCheetah-v5 for
+20,000 env frames each, 3 seeds each (9 runs), with small networks and batch so that it fits a 2-core CPU machine,
+then writes the table and figures with ``python -m alm_torchrl.results`` plus ``run_info.json`` (how, where and how
+long it ran). See ``benchmarks/learning.md`` for the settings, their calibration and how to read the results.
+
+    python benchmarks/learning.py --reference-dir shared/reference/official-alm-scores   # the benchmark (~33 min)
+    python benchmarks/learning.py --dry-run                                               # print the commands only
+    python benchmarks/learning.py --smoke                                                 # ~1-2 min pipeline check in /tmp
+
+Each run is one recipe process (one torch thread: ``OMP_NUM_THREADS=1``), ``--jobs`` of them at a time, in
+``<out-runs>/<date_time>/<task>/seed<k>/`` (a Hydra run dir: ``.hydra/``, ``alm_logging/``, ``stdout.log``).
+Runs are started longest first (HalfCheetah, whose evaluations are the longest, then InvertedPendulum, then
+Pendulum) so that the two workers finish close together. A failed run is reported and left out of the results;
+the exit code is then 1. Ctrl-C stops the runs this script started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "alm" / "alm.py"
+
+DEFAULT_TASKS = ("HalfCheetah-v5", "InvertedPendulum-v5", "Pendulum-v1")  # longest first
+# Per-task overrides. Pendulum-v1 keeps gymnasium's own 200-step episodes (the recipe's default time limit is
+# 1000 for every env), so its returns read like the usual Pendulum numbers (random about -1200, solved about -150).
+TASK_OVERRIDES = {"Pendulum-v1": {"env.max_episode_steps": 200}}
+# Rough relative run cost, to start the longest runs first (evaluation episodes: 1000 / <=1000 / 200 steps).
+TASK_COST = {"HalfCheetah-v5": 3, "InvertedPendulum-v5": 2, "Pendulum-v1": 1}
+
+# The benchmark's settings (calibrated in benchmarks/learning.md). Everything else is the recipe's default
+# (the paper's): horizon 3, lr 1e-4, UTD 1, gamma 0.99, tau 0.005, 10 frames per collector batch, ...
+BENCHMARK = {
+    "collector.init_random_frames": 5000,  # the paper's warm-up; 15,000 updates per 20k run
+    "exploration.annealing_frames": 10000,  # noise 1.0 -> 0.1 over 10k of the 15k trained frames (paper: 100k of 195k)
+    "network.latent_dim": 32,  # paper 50
+    "network.hidden_dim": 64,  # paper 512
+    "network.model_hidden_dim": 128,  # paper 1024
+    "optim.batch_size": 64,  # paper 512
+    "logger.eval_iter": 2500,  # 8 evaluations: 2.5k, 5k (untrained: 0 and 10 updates), 7.5k, ..., 20k
+    "logger.num_eval_episodes": 5,  # as the paper
+}
+# --smoke: a pipeline check, not a benchmark (tiny networks, 600 frames, a few hundred updates).
+SMOKE = {
+    "collector.init_random_frames": 200,
+    "exploration.annealing_frames": 200,
+    "network.latent_dim": 8,
+    "network.hidden_dim": 16,
+    "network.model_hidden_dim": 16,
+    "optim.batch_size": 8,
+    "logger.eval_iter": 200,
+    "logger.num_eval_episodes": 1,
+}
+SMOKE_DEFAULTS = {"frames": 600, "seeds": [0], "tasks": ["HalfCheetah-v5", "Pendulum-v1"],
+                  "out_runs": Path("/tmp/alm_learning_smoke/runs"), "results": Path("/tmp/alm_learning_smoke/results")}
+# Bookkeeping shared by every run: CPU, CSV logs, no checkpoint but the final one.
+FIXED = {
+    "collector.device": "cpu",
+    "compile.num_threads": 1,  # one torch thread per run (the recipe's torch.set_num_threads; OMP_NUM_THREADS=1 too)
+    "logger.backend": "csv",
+    "checkpoint.interval": 10**9,
+}
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+LOG_ENV = {"TQDM_MININTERVAL": "30"}  # a progress line every 30 s in each run's stdout.log, not every 0.1 s
+
+
+@dataclass
+class Job:
+    task: str
+    seed: int
+    run_dir: Path
+    command: list[str]
+    wall_s: float | None = None
+    returncode: int | None = None
+    last_line: str = ""
+
+
+def overrides_for(task: str, seed: int, frames: int, settings: dict) -> list[str]:
+    values = {"env.name": task, "env.seed": seed, "collector.total_frames": frames,
+              **settings, **TASK_OVERRIDES.get(task, {}), **FIXED}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def default_reference_dir() -> Path | None:
+    candidates = (os.environ.get("ALM_REFERENCE_DIR"), REPO / "shared" / "reference" / "official-alm-scores",
+                  REPO.parent / "shared" / "reference" / "official-alm-scores")
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def machine_info() -> dict:
+    cpu_model, physical = "unknown", set()
+    try:
+        physical_id = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                cpu_model = value
+            elif key == "physical id":
+                physical_id = value
+            elif key == "core id":
+                physical.add((physical_id, value))
+    except OSError:
+        pass
+    info = {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "physical_cores": len(physical) or None,
+            "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        info["memory_gb"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    versions = subprocess.run(
+        [sys.executable, "-c", "import json, torch, torchrl, tensordict, gymnasium, mujoco; print(json.dumps({m.__name__:"
+         " m.__version__ for m in (torch, torchrl, tensordict, gymnasium, mujoco)}))"],
+        capture_output=True, text=True, check=False)
+    if versions.returncode == 0:
+        info["versions"] = json.loads(versions.stdout)
+        info["cuda"] = False  # runs are forced to collector.device=cpu
+    return info
+
+
+def git_info() -> dict:
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD") or None, "modified_files": status.splitlines()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-runs", type=Path, default=None,
+                        help="parent folder of the run dirs; each invocation adds a <date_time>/ folder "
+                             "(default: multirun/learning_benchmark, ignored by git; smoke: /tmp/alm_learning_smoke/runs)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="folder for results.md/.csv, <task>.png, run_info.json "
+                             "(default: docs/results/small_scale; smoke: /tmp/alm_learning_smoke/results)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each (default: 2)")
+    parser.add_argument("--frames", type=int, default=None, help="env frames per run (default: 20000; smoke: 600)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (smoke: 0)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"gymnasium ids or recipe presets (default: {' '.join(DEFAULT_TASKS)})")
+    parser.add_argument("--table-frames", type=int, nargs="+", default=None,
+                        help="frame counts of the results table (default: frames/4, frames/2, frames, each rounded up "
+                             "to an evaluation point: 5000 10000 20000)")
+    parser.add_argument("--reference-dir", type=Path, default=default_reference_dir(),
+                        help="released ALM score files for the overlay (default: $ALM_REFERENCE_DIR, else "
+                             "shared/reference/official-alm-scores in or beside the checkout if present, else none)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny pipeline check (600 frames, tiny networks, 1 seed, 2 tasks) writing to /tmp")
+    args = parser.parse_args(argv)
+    defaults = SMOKE_DEFAULTS if args.smoke else {
+        "frames": 20000, "seeds": [0, 1, 2], "tasks": list(DEFAULT_TASKS),
+        "out_runs": REPO / "multirun" / "learning_benchmark", "results": REPO / "docs" / "results" / "small_scale"}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.settings = SMOKE if args.smoke else BENCHMARK
+    if args.table_frames is None:  # frames/4, frames/2 and frames, each moved up to an evaluation point
+        every = args.settings["logger.eval_iter"]
+        args.table_frames = sorted({min(-(-part // every) * every, args.frames)
+                                    for part in (args.frames // 4, args.frames // 2, args.frames)})
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    if args.settings["collector.init_random_frames"] >= args.frames:
+        parser.error(f"--frames {args.frames} must exceed the warm-up "
+                     f"({args.settings['collector.init_random_frames']} random frames), or no update would run")
+    if args.reference_dir is not None and not args.reference_dir.is_dir():
+        parser.error(f"--reference-dir {args.reference_dir}: no such directory")
+    args.tasks = sorted(dict.fromkeys(args.tasks), key=lambda task: -TASK_COST.get(task, 2))
+    return args
+
+
+def quote(command: list[str], env: dict[str, str]) -> str:
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), *map(shlex.quote, command)])
+
+
+def run_job(job: Job, env: dict[str, str], lock: threading.Lock, procs: set, stopping: threading.Event) -> Job:
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with (job.run_dir / "stdout.log").open("w") as log:
+        with lock:
+            if stopping.is_set():
+                return job
+            proc = subprocess.Popen(job.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs.add(proc)
+        try:
+            job.returncode = proc.wait()
+        finally:
+            with lock:
+                procs.discard(proc)
+    job.wall_s = round(time.monotonic() - start, 1)
+    lines = (job.run_dir / "stdout.log").read_text(errors="replace").replace("\r", "\n").splitlines()
+    job.last_line = next((line for line in reversed(lines) if line.strip()), "")
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    sweep_dir = (args.out_runs / stamp).resolve()
+    env = {**os.environ, **THREAD_ENV, **LOG_ENV}
+    jobs = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            run_dir = sweep_dir / task.replace("/", "_") / f"seed{seed}"
+            command = [sys.executable, str(RECIPE), *overrides_for(task, seed, args.frames, args.settings),
+                       f"hydra.run.dir={run_dir}"]
+            jobs.append(Job(task, seed, run_dir, command))
+
+    def results_command(run_dirs: list[str]) -> list[str]:
+        command = [sys.executable, "-m", "alm_torchrl.results", *run_dirs, "--out", str(args.results),
+                   "--frames", *map(str, args.table_frames)]
+        return command + (["--reference-dir", str(args.reference_dir)] if args.reference_dir is not None else [])
+
+    if args.dry_run:
+        print(f"# {len(jobs)} runs, {args.jobs} at a time, each logging to <run dir>/stdout.log")
+        for job in jobs:
+            print(quote(job.command, {**THREAD_ENV, **LOG_ENV}))
+        print("# then")
+        print(quote(results_command(["<run dirs that finished>"]), {}))
+        return 0
+
+    print(f"{len(jobs)} runs ({', '.join(args.tasks)}; seeds {' '.join(map(str, args.seeds))}; {args.frames} frames), "
+          f"{args.jobs} at a time, in {sweep_dir}", flush=True)
+    info = {
+        "benchmark": "benchmarks/learning.py" + (" --smoke" if args.smoke else ""),
+        "command": " ".join(map(shlex.quote, [sys.executable, *(sys.argv if argv is None else [__file__, *argv])])),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "git": git_info(),
+        "load_average_at_start": os.getloadavg(),
+        "jobs": args.jobs, "thread_env": THREAD_ENV, "frames": args.frames, "seeds": args.seeds, "tasks": args.tasks,
+        "overrides": {task: overrides_for(task, "<seed>", args.frames, args.settings) for task in args.tasks},
+        "runs_dir": str(sweep_dir),
+    }
+    lock, procs, stopping = threading.Lock(), set(), threading.Event()
+    start = time.monotonic()
+    done = 0
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = [pool.submit(run_job, job, env, lock, procs, stopping) for job in jobs]
+        for future in as_completed(futures):
+            job = future.result()
+            done += 1
+            status = "ok" if job.returncode == 0 else f"FAILED (exit {job.returncode}, see {job.run_dir}/stdout.log)"
+            print(f"[{done}/{len(jobs)} at {(time.monotonic() - start) / 60:.1f} min] {job.task} seed {job.seed}: "
+                  f"{status} in {job.wall_s:.0f} s | {job.last_line[-100:]}", flush=True)
+    except KeyboardInterrupt:
+        stopping.set()  # no further run starts
+        pool.shutdown(wait=False, cancel_futures=True)
+        with lock:
+            for proc in procs:  # only the recipe processes this script started
+                proc.terminate()
+        print(f"interrupted; the runs so far are in {sweep_dir}", file=sys.stderr)
+        return 130
+    pool.shutdown()
+    total_wall = time.monotonic() - start
+
+    finished = [job for job in jobs if job.returncode == 0]
+    failed = [job for job in jobs if job.returncode != 0]
+    info.update({
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "total_wall_s": round(total_wall, 1),
+        "total_wall_min": round(total_wall / 60, 1),
+        "load_average_at_end": os.getloadavg(),
+        "runs": [{"task": job.task, "seed": job.seed, "run_dir": str(job.run_dir), "wall_s": job.wall_s,
+                  "returncode": job.returncode, "last_line": job.last_line} for job in jobs],
+    })
+    print(f"all runs done in {total_wall / 60:.1f} min ({len(finished)} ok, {len(failed)} failed)", flush=True)
+    if not finished:
+        print("no run finished; no results written", file=sys.stderr)
+        return 1
+    command = results_command([str(job.run_dir) for job in finished])
+    results = subprocess.run(command, cwd=REPO, check=False)
+    info["results_command"] = " ".join(map(shlex.quote, command))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"results and run_info.json in {args.results}", flush=True)
+    return 1 if failed or results.returncode else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

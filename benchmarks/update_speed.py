@@ -1,0 +1,245 @@
+"""Time ALM's full update (five losses, backward, optimizer step, target update) as the recipe builds it.
+
+Builds env, modules, loss, optimizer, update, replay buffer and collector with the recipe's own config
+(``recipes/alm/config.yaml``) and factories (``alm_torchrl.training``), fills the buffer from the real MuJoCo env
+with the recipe's random warm-up, then reports, as one JSON line on stdout:
+
+- the update: ``ms_per_update_median`` (and p10/p90/mean), ``updates_per_s`` (from the median);
+- the collector alone: ``collector_random_frames_per_s`` (warm-up, random actions) and
+  ``collector_policy_frames_per_s`` (the behaviour policy on ``device``);
+- the whole recipe loop (collect ``frames_per_batch`` frames, store them, sample and update ``utd_ratio`` times per
+  frame): ``loop_frames_per_s``;
+- memory: ``bytes_per_transition`` of the replay storage, ``buffer_capacity`` and the process's peak resident set
+  ``max_rss_gib`` (with ``--fill-buffer``, after writing the whole buffer).
+
+Examples::
+
+    python benchmarks/update_speed.py                                   # HalfCheetah-v5, paper settings, CPU
+    python benchmarks/update_speed.py --env Humanoid-v5 --fill-buffer   # + a full 1e6-transition buffer
+    python benchmarks/update_speed.py --device cuda --compile --cudagraphs --loop-frames 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from tensordict import TensorDict
+from torchrl.objectives import SoftUpdate
+
+from alm_torchrl.envs import make_env
+from alm_torchrl.replay import TRAJ_KEY, sample_slices
+from alm_torchrl.training import (
+    configure_cpu_runtime,
+    make_collector,
+    make_loss,
+    make_modules,
+    make_optimizers,
+    make_recipe_replay_buffer,
+    make_update,
+    resolve_device,
+    validate_config,
+)
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "alm"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="HalfCheetah-v5", help="env.name: a gymnasium id or preset")
+    parser.add_argument("--device", default="auto", help="collector.device: auto, cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=512, help="optim.batch_size (slices per update)")
+    parser.add_argument("--compile", action="store_true", help="compile.compile=true")
+    parser.add_argument("--compile-mode", default=None, help="compile.compile_mode")
+    parser.add_argument("--cudagraphs", action="store_true", help="compile.cudagraphs=true (CUDA only)")
+    parser.add_argument("--threads", type=int, default=None, help="compile.num_threads (default: one per core)")
+    parser.add_argument("--updates", type=int, default=30, help="timed updates")
+    parser.add_argument("--warmup-updates", type=int, default=5, help="untimed updates first (compilation, capture)")
+    parser.add_argument("--collector-frames", type=int, default=500, help="frames to time the behaviour policy on")
+    parser.add_argument("--loop-frames", type=int, default=100, help="frames of the whole loop to time (0: skip)")
+    parser.add_argument("--fill-buffer", action="store_true", help="write the whole replay buffer before timing")
+    parser.add_argument("--critics", choices=["auto", "vmap", "loop"], default="auto",
+                        help="how the loss runs its critics (auto: the recipe's choice)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="skip the recipe's malloc tuning (configure_cpu_runtime), to measure what it buys")
+    parser.add_argument("--adam-foreach", action="store_true",
+                        help="foreach Adam instead of the recipe's fused Adam, to measure what fused buys")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="more recipe config overrides, e.g. network.hidden_dim=256")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "updates", "warmup_updates"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def recipe_config(args: argparse.Namespace):
+    overrides = [
+        f"env.name={args.env}",
+        f"env.seed={args.seed}",
+        f"collector.device={args.device}",
+        f"optim.batch_size={args.batch_size}",
+        f"compile.compile={args.compile}",
+        f"compile.cudagraphs={args.cudagraphs}",
+        *([f"compile.compile_mode={args.compile_mode}"] if args.compile_mode else []),
+        *([f"compile.num_threads={args.threads}"] if args.threads else []),
+        *args.overrides,
+    ]
+    with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def storage_bytes_per_transition(replay_buffer) -> int:
+    stored = replay_buffer.storage._storage  # the preallocated TensorDict of the LazyTensorStorage
+    return sum(tensor.element_size() * tensor[0].numel() for tensor in stored.values(True, True))
+
+
+def fill_buffer(replay_buffer, example: TensorDict, traj_len: int) -> None:
+    """Write synthetic transitions (copies of ``example`` rows) until the buffer is full, in episodes of ``traj_len``."""
+    capacity = replay_buffer.storage.max_size
+    chunk = example.reshape(-1)[:1].expand(traj_len).clone()
+    next_id = int(replay_buffer.storage[: len(replay_buffer)].get(TRAJ_KEY).max()) + 1
+    while len(replay_buffer) < capacity:
+        chunk.set(TRAJ_KEY, torch.full((traj_len,), next_id, device=chunk.device))
+        replay_buffer.extend(chunk)
+        next_id += 1
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg = recipe_config(args)
+    try:
+        validate_config(cfg)
+    except ValueError as err:
+        sys.exit(f"update_speed.py: invalid config: {err}")
+    device = resolve_device(cfg.collector.device)
+    configure_cpu_runtime(cfg.compile.num_threads, keep_freed_memory=not args.default_malloc)
+    torch.manual_seed(cfg.env.seed)
+
+    env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
+    modules = make_modules(cfg, env, device)
+    loss = make_loss(cfg, modules, device)
+    if args.critics != "auto":
+        loss.deactivate_vmap = args.critics == "loop"
+        loss._make_vmap()
+    optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
+    if args.adam_foreach:
+        groups = [{"params": group["params"], "name": group["name"]} for group in optimizer.param_groups]
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, foreach=True)
+    update = make_update(
+        loss,
+        optimizer,
+        SoftUpdate(loss, tau=cfg.loss.tau),
+        max_grad_norm=cfg.optim.max_grad_norm,
+        compile=cfg.compile.compile,
+        compile_mode=cfg.compile.compile_mode,
+        cudagraphs=cfg.compile.cudagraphs,
+    )
+    replay_buffer = make_recipe_replay_buffer(cfg, device)
+    keys = [*loss.in_keys, TRAJ_KEY]
+    result: dict = {
+        "env": cfg.env.name,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "compile": bool(cfg.compile.compile),
+        "cudagraphs": bool(cfg.compile.cudagraphs),
+        "critics": "loop" if loss.deactivate_vmap else "vmap",
+        "malloc_tuned": not args.default_malloc,
+        "adam": "foreach" if args.adam_foreach else "fused",
+        "batch_size": cfg.optim.batch_size,
+        "horizon": cfg.loss.horizon,
+        "cpu": cpu_model(),
+    }
+
+    # The recipe's random warm-up fills the buffer; timing it gives the collector's speed with random actions.
+    warmup_frames = cfg.collector.init_random_frames
+    collector = make_collector(cfg, env, modules.policy, device)
+    batches = iter(collector)
+    start = time.perf_counter()
+    collected = 0
+    while collected < warmup_frames:
+        data = next(batches)
+        replay_buffer.extend(data.reshape(-1).select(*keys))
+        collected += data.numel()
+    result["collector_random_frames_per_s"] = collected / (time.perf_counter() - start)
+    if args.fill_buffer:
+        fill_buffer(replay_buffer, data.select(*keys), cfg.env.max_episode_steps)
+    result["buffer_capacity"] = replay_buffer.storage.max_size
+    result["bytes_per_transition"] = storage_bytes_per_transition(replay_buffer)
+
+    # The behaviour policy on `device` (the warm-up is over, so the collector now calls the policy).
+    start, policy_frames = time.perf_counter(), 0
+    while policy_frames < args.collector_frames:
+        policy_frames += next(batches).numel()
+    synchronize(device)
+    result["collector_policy_frames_per_s"] = policy_frames / (time.perf_counter() - start)
+
+    # The update alone, on fresh samples; sampling is timed apart.
+    durations, sample_durations = [], []
+    for step in range(args.warmup_updates + args.updates):
+        start = time.perf_counter()
+        batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
+        synchronize(device)
+        sampled = time.perf_counter()
+        update(batch)
+        synchronize(device)
+        if step >= args.warmup_updates:
+            sample_durations.append(sampled - start)
+            durations.append(time.perf_counter() - sampled)
+    deciles = statistics.quantiles(durations, n=10)
+    median = statistics.median(durations)
+    result.update(
+        ms_per_update_median=1000 * median,
+        ms_per_update_p10=1000 * deciles[0],
+        ms_per_update_p90=1000 * deciles[-1],
+        ms_per_update_mean=1000 * statistics.fmean(durations),
+        updates_per_s=1 / median,
+        ms_per_sample_median=1000 * statistics.median(sample_durations),
+        updates_timed=args.updates,
+    )
+
+    # The whole loop, as the recipe runs it after the warm-up: collect, store, then utd_ratio updates per frame.
+    if args.loop_frames:
+        updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+        start, loop_frames = time.perf_counter(), 0
+        while loop_frames < args.loop_frames:
+            data = next(batches)
+            replay_buffer.extend(data.reshape(-1).select(*keys))
+            loop_frames += data.numel()
+            for _ in range(updates_per_batch):
+                update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+        synchronize(device)
+        result["loop_frames_per_s"] = loop_frames / (time.perf_counter() - start)
+    collector.shutdown()
+
+    result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
