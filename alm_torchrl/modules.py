@@ -25,12 +25,14 @@ __all__ = [
     "ALMModules",
     "ConcatMLP",
     "GaussianParamHead",
+    "IdentityGaussianParams",
     "elu_mlp",
     "layernorm_tanh_mlp",
     "make_actor",
     "make_alm_modules",
     "make_classifier",
     "make_encoder",
+    "make_identity_encoder",
     "make_qvalue_network",
     "make_reward_model",
     "make_world_model",
@@ -107,14 +109,36 @@ class GaussianParamHead(nn.Module):
         return loc, scale
 
 
+class IdentityGaussianParams(nn.Module):
+    """``z = s``: the observation itself as the latent's mean, with a fixed std and no parameters.
+
+    The encoder of the paper's MnM-like ablation (Fig. 13). The std is the learned encoder's
+    lower bound (0.1), the closest that encoder can get to a point mass.
+    """
+
+    def __init__(self, scale: float = 0.1) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return observation, torch.full_like(observation, self.scale)
+
+
 def _gaussian_latent_module(
     net: nn.Module, in_keys: list[NestedKey], out_key: NestedKey
+) -> ProbabilisticTensorDictSequential:
+    """A diagonal-Normal latent module whose (loc, scale) come from ``net`` through :class:`GaussianParamHead`."""
+    return _latent_distribution_module(GaussianParamHead(net), in_keys, out_key)
+
+
+def _latent_distribution_module(
+    params_module: nn.Module, in_keys: list[NestedKey], out_key: NestedKey
 ) -> ProbabilisticTensorDictSequential:
     out_key_tuple = out_key if isinstance(out_key, tuple) else (out_key,)
     loc_key = out_key_tuple[:-1] + (f"{out_key_tuple[-1]}_loc",)
     scale_key = out_key_tuple[:-1] + (f"{out_key_tuple[-1]}_scale",)
     return ProbabilisticTensorDictSequential(
-        TensorDictModule(GaussianParamHead(net), in_keys=in_keys, out_keys=[loc_key, scale_key]),
+        TensorDictModule(params_module, in_keys=in_keys, out_keys=[loc_key, scale_key]),
         ProbabilisticTensorDictModule(
             in_keys={"loc": loc_key, "scale": scale_key},
             out_keys=[out_key],
@@ -137,6 +161,13 @@ def make_encoder(
     """Encoder ``e(z | s)``: observation -> diagonal Normal over the latent (writes ``latent``)."""
     net = elu_mlp(observation_dim, hidden_dim, 2 * latent_dim)
     return _gaussian_latent_module(net, [observation_key], latent_key)
+
+
+def make_identity_encoder(
+    *, observation_key: NestedKey = "observation", latent_key: NestedKey = "latent", scale: float = 0.1
+) -> ProbabilisticTensorDictSequential:
+    """Identity "encoder" ``z ~ N(s, scale^2)`` with no parameters (the paper's MnM-like ablation, Fig. 13)."""
+    return _latent_distribution_module(IdentityGaussianParams(scale), [observation_key], latent_key)
 
 
 def make_world_model(
@@ -176,9 +207,17 @@ def make_classifier(
     action_key: NestedKey = "action",
     next_latent_key: NestedKey = "next_latent",
     out_key: NestedKey = "classifier_logits",
+    linear: bool = False,
 ) -> TensorDictModule:
-    """Classifier ``C(z, a, z')`` -> two logits; logit 1 means "z' came from the encoder"."""
-    net = layernorm_tanh_mlp(2 * latent_dim + action_dim, hidden_dim, 2)
+    """Classifier ``C(z, a, z')`` -> two logits; logit 1 means "z' came from the encoder".
+
+    ``linear=True`` gives a single Linear layer, the paper's linear-classifier ablation (Fig. 16).
+    """
+    in_features = 2 * latent_dim + action_dim
+    if linear:
+        net = orthogonal_init_(nn.Linear(in_features, 2))
+    else:
+        net = layernorm_tanh_mlp(in_features, hidden_dim, 2)
     return TensorDictModule(
         ConcatMLP(net), in_keys=[latent_key, action_key, next_latent_key], out_keys=[out_key]
     )
@@ -274,6 +313,8 @@ def make_alm_modules(
     hidden_dim: int = 512,
     model_hidden_dim: int = 1024,
     num_qvalue_nets: int = 2,
+    encoder_type: str = "mlp",
+    classifier_type: str = "mlp",
     noise_init: float = 1.0,
     noise_end: float = 0.1,
     noise_annealing_frames: int = 100_000,
@@ -290,6 +331,10 @@ def make_alm_modules(
     Keyword Args:
         latent_dim, hidden_dim, model_hidden_dim: network sizes (paper: 50, 512, 1024).
         num_qvalue_nets: number of independently initialised critic heads (paper: 2).
+        encoder_type: ``"mlp"`` (the paper's) or ``"identity"`` (``z = s`` with a fixed std of 0.1 and no
+            parameters, the MnM-like ablation of Fig. 13; the latent size is then the observation size and
+            ``latent_dim`` is not used).
+        classifier_type: ``"mlp"`` (the paper's) or ``"linear"`` (one Linear layer, Fig. 16).
         noise_init, noise_end, noise_annealing_frames: the behaviour policy's noise std
             schedule (paper: 1.0 to 0.1 over 100,000 frames).
         device: where the networks live.
@@ -307,6 +352,10 @@ def make_alm_modules(
                         ("model_hidden_dim", model_hidden_dim), ("num_qvalue_nets", num_qvalue_nets)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if encoder_type not in ("mlp", "identity"):
+        raise ValueError(f"encoder_type must be 'mlp' or 'identity', got {encoder_type!r}.")
+    if classifier_type not in ("mlp", "linear"):
+        raise ValueError(f"classifier_type must be 'mlp' or 'linear', got {classifier_type!r}.")
     observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation")
     action_spec = _unbatched_leaf_spec(action_spec, action_key, "action", required_type=Bounded)
     if device is not None:
@@ -316,10 +365,14 @@ def make_alm_modules(
     action_dim = action_spec.shape[-1]
     keys = {"action_key": action_key}
 
-    encoder = make_encoder(observation_dim, latent_dim, hidden_dim, observation_key=observation_key)
+    if encoder_type == "identity":
+        encoder = make_identity_encoder(observation_key=observation_key)
+        latent_dim = observation_dim
+    else:
+        encoder = make_encoder(observation_dim, latent_dim, hidden_dim, observation_key=observation_key)
     world_model = make_world_model(latent_dim, action_dim, model_hidden_dim, **keys)
     reward_model = make_reward_model(latent_dim, action_dim, hidden_dim, **keys)
-    classifier = make_classifier(latent_dim, action_dim, hidden_dim, **keys)
+    classifier = make_classifier(latent_dim, action_dim, hidden_dim, linear=classifier_type == "linear", **keys)
     qvalue_network = [make_qvalue_network(latent_dim, action_dim, hidden_dim, **keys) for _ in range(num_qvalue_nets)]
     actor_network = make_actor(latent_dim, action_spec, hidden_dim, **keys)
 

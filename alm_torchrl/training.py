@@ -115,6 +115,8 @@ def make_modules(cfg: Any, env: EnvBase, device: torch.device) -> ALMModules:
         latent_dim=cfg.network.latent_dim,
         hidden_dim=cfg.network.hidden_dim,
         model_hidden_dim=cfg.network.model_hidden_dim,
+        encoder_type=cfg.network.encoder,
+        classifier_type=cfg.network.classifier,
         noise_init=cfg.exploration.noise_init,
         noise_end=cfg.exploration.noise_end,
         noise_annealing_frames=cfg.exploration.annealing_frames,
@@ -170,6 +172,10 @@ def make_loss(cfg: Any, modules: ALMModules, device: torch.device) -> ALMLoss:
         noise_clip=cfg.loss.noise_clip,
         actor_std=cfg.exploration.noise_init,
         deactivate_vmap=device.type == "cpu" and not cfg.compile.compile,
+        kl_term=cfg.loss.kl_term,
+        value_term=cfg.loss.value_term,
+        actor_objective=cfg.loss.actor_objective,
+        log_reward_shift=cfg.loss.log_reward_shift,
     )
     loss.make_value_estimator(gamma=cfg.optim.gamma)
     return loss
@@ -398,6 +404,16 @@ def validate_config(cfg: Any) -> None:
             resolve_device(cfg.collector.device)
         except RuntimeError as err:
             raise ValueError(f"collector.device={cfg.collector.device!r} is not a valid torch device: {err}") from None
+    for key, value, valid in (
+        ("network.encoder", cfg.network.encoder, ("mlp", "identity")),
+        ("network.classifier", cfg.network.classifier, ("mlp", "linear")),
+        ("loss.actor_objective", cfg.loss.actor_objective, ("svg", "td3")),
+    ):
+        if value not in valid:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(valid)}")
+    shift = cfg.loss.log_reward_shift
+    if shift is not None and not shift > 0:
+        raise ValueError(f"loss.log_reward_shift must be positive (paper: 10000) or null, got {shift!r}")
     num_threads = cfg.compile.num_threads
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"compile.num_threads must be a positive integer or null (one per core), got {num_threads!r}")

@@ -129,6 +129,20 @@ class ALMLoss(LossModule):
             loss has one entry per slice (shape ``[B]``). Defaults to ``"mean"``.
         deactivate_vmap (bool, optional): replace the vmap over critics by a Python loop.
             Defaults to ``False``.
+        kl_term (bool, optional): keep the KL term in ``loss_model`` (Eq. 7). ``False`` is the
+            paper's "no KL" ablation (Fig. 5a). Defaults to ``True``.
+        value_term (bool, optional): keep the last latent's value ``-Q(z_K, a_K)`` in
+            ``loss_model``. ``False`` is the "no value" ablation (Fig. 5a). Defaults to ``True``.
+        actor_objective (str, optional): ``"svg"`` (Eq. 8, lambda-returns of an imagined rollout)
+            or ``"td3"``: ``-min_i Q_i(z, a)`` with ``a`` the actor's clipped-noise sample, the
+            "TD3 with ALM representations" ablation (Fig. 5c). Defaults to ``"svg"``.
+        log_reward_shift (float, optional): if set to ``a``, the rewards inside the model and
+            actor objectives become ``a * (log(r + a) - log a)``, the logarithmic form of the
+            theory (Appendix A.8, Fig. 12; the paper uses ``a = 10_000``). Defaults to ``None``
+            (the raw rewards, as in the paper's main results).
+
+    The paper's other ablations are settings too: no classifier term in Eq. 8 is
+    ``classifier_coef=0``; the horizon K is the batch's time dimension.
 
     The discount factor is set with ``loss.make_value_estimator(gamma=...)`` (default 0.99); it
     is used both by the critic target and by the actor's lambda-returns. Only
@@ -235,24 +249,6 @@ class ALMLoss(LossModule):
     SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0,)
     _schedulable_buffers = frozenset({"actor_std", "classifier_coef"})
 
-    out_keys = [
-        "loss_model",
-        "loss_reward",
-        "loss_classifier",
-        "loss_qvalue",
-        "loss_actor",
-        "kl",
-        "model_reward",
-        "model_value",
-        "latent_std",
-        "reward_error",
-        "classifier_accuracy",
-        "q_mean",
-        "target_q_mean",
-        "imagined_reward",
-        "classifier_reward",
-    ]
-
     encoder: ProbabilisticTensorDictSequential
     world_model: ProbabilisticTensorDictSequential
     reward_model: TensorDictModule
@@ -290,6 +286,10 @@ class ALMLoss(LossModule):
         gamma: float | None = None,
         reduction: str | None = None,
         deactivate_vmap: bool = False,
+        kl_term: bool = True,
+        value_term: bool = True,
+        actor_objective: str = "svg",
+        log_reward_shift: float | None = None,
     ) -> None:
         if gamma is not None:
             raise TypeError(_GAMMA_LMBDA_DEPREC_ERROR)
@@ -299,6 +299,10 @@ class ALMLoss(LossModule):
             raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}.")
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}.")
+        if actor_objective not in ("svg", "td3"):
+            raise ValueError(f"actor_objective must be 'svg' or 'td3', got {actor_objective!r}.")
+        if log_reward_shift is not None and log_reward_shift <= 0:
+            raise ValueError(f"log_reward_shift must be positive or None, got {log_reward_shift}.")
         if noise_clip is not None and noise_clip < 0:
             raise ValueError(f"noise_clip must be non-negative or None, got {noise_clip}.")
         for name, network in (("encoder", encoder), ("world_model", world_model)):
@@ -319,6 +323,18 @@ class ALMLoss(LossModule):
         self.num_qvalue_nets = num_qvalue_nets
         self.lmbda = lmbda
         self.noise_clip = noise_clip
+        self.kl_term = kl_term
+        self.value_term = value_term
+        self.actor_objective = actor_objective
+        self.log_reward_shift = log_reward_shift
+        # The five losses, then the detached diagnostics, which depend on the variant.
+        model_diagnostics = ["kl", "model_kl_term", "model_reward", "latent_std", "model_value_term"]
+        actor_diagnostics = ["actor_q"] if actor_objective == "td3" else ["imagined_reward", "classifier_reward"]
+        self.out_keys = [
+            "loss_model", "loss_reward", "loss_classifier", "loss_qvalue", "loss_actor",
+            *model_diagnostics, *(["model_value"] if value_term else []),
+            "reward_error", "classifier_accuracy", "q_mean", "target_q_mean", *actor_diagnostics,
+        ]
         self._in_keys = None
         self._latent_sizes_checked = False
 
@@ -511,6 +527,13 @@ class ALMLoss(LossModule):
         clamped = torch.maximum(torch.minimum(action, self.action_high - 1e-6), self.action_low + 1e-6)
         return action + (clamped - action).detach()
 
+    def _shape_reward(self, reward: torch.Tensor) -> torch.Tensor:
+        """The rewards of the model and actor objectives: raw, or ``a (log(r + a) - log a)`` (Appendix A.8)."""
+        if self.log_reward_shift is None:
+            return reward
+        shift = self.log_reward_shift
+        return shift * torch.log1p(reward / shift)
+
     # ------------------------------------------------------------------ inputs
     def _check_input(self, tensordict: TensorDictBase) -> None:
         if tensordict.batch_dims != 2:
@@ -586,21 +609,28 @@ class ALMLoss(LossModule):
             latent = prior.rsample()
         kl = torch.stack(kls, dim=1)  # [B, K]
         # Reward model frozen: its gradient flows into the latents only.
-        model_reward = self._predict_reward(
-            torch.stack(latents, dim=1), batch.action, self._cached_detached_reward_model_params
+        model_reward = self._shape_reward(
+            self._predict_reward(torch.stack(latents, dim=1), batch.action, self._cached_detached_reward_model_params)
         ).squeeze(-1)  # [B, K]
-        # a_K ~ pi(sg(z_K)) with no gradient into the actor; the critics are frozen too.
-        last_action = self._sample_action(latent.detach(), self._cached_detached_actor_network_params)
-        model_value = self._qvalues(latent, last_action, self._cached_detached_qvalue_network_params)
-        model_value = model_value.min(0).values.squeeze(-1)  # [B]
         # Eq. 7: sum_t (KL_t - r_t) - Q(z_K, a_K), undiscounted over the K steps (footnote 2).
-        loss = (kl - model_reward).sum(1) - model_value
+        kl_term = kl.sum(1) if self.kl_term else torch.zeros_like(model_reward[:, 0])
+        loss = kl_term - model_reward.sum(1)
         metadata = {
             "kl": kl.detach().mean(),
+            "model_kl_term": kl_term.detach().mean(),
             "model_reward": model_reward.detach().mean(),
-            "model_value": model_value.detach().mean(),
             "latent_std": online_dist.stddev.detach().mean(),
         }
+        if self.value_term:
+            # a_K ~ pi(sg(z_K)) with no gradient into the actor; the critics are frozen too.
+            last_action = self._sample_action(latent.detach(), self._cached_detached_actor_network_params)
+            model_value = self._qvalues(latent, last_action, self._cached_detached_qvalue_network_params)
+            model_value = model_value.min(0).values.squeeze(-1)  # [B]
+            loss = loss - model_value
+            metadata["model_value"] = model_value.detach().mean()
+        metadata["model_value_term"] = (
+            -metadata["model_value"] if self.value_term else torch.zeros((), device=loss.device)
+        )
         return self._reduce(loss, batch), metadata
 
     def _reward_loss(self, batch: _SliceBatch, latent: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -672,12 +702,23 @@ class ALMLoss(LossModule):
         actions.append(self._sample_action(latent.detach(), self.actor_network_params))
         return torch.stack(latents, dim=1), torch.stack(actions, dim=1)
 
+    def _td3_actor_loss(
+        self, batch: _SliceBatch, latent: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The "TD3 with ALM representations" ablation: -min_i Q_i(z, a), a ~ pi(z) with clipped noise."""
+        action = self._sample_action(latent, self.actor_network_params)
+        qvalue = self._qvalues(latent, action, self._cached_detached_qvalue_network_params).min(0).values
+        loss = -qvalue.squeeze(-1)
+        return self._reduce(loss, batch), {"actor_q": qvalue.detach().mean()}
+
     def _actor_loss(self, batch: _SliceBatch, latent: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.actor_objective == "td3":
+            return self._td3_actor_loss(batch, latent)
         horizon = batch.horizon
         latents, actions = self._imagine(latent, horizon)  # [B, K + 1, Z], [B, K + 1, A]
         current_latents, current_actions = latents[:, :-1], actions[:, :-1]
-        imagined_reward = self._predict_reward(
-            current_latents, current_actions, self._cached_detached_reward_model_params
+        imagined_reward = self._shape_reward(
+            self._predict_reward(current_latents, current_actions, self._cached_detached_reward_model_params)
         )  # [B, K, 1]
         logits = self._classify(
             current_latents, current_actions, latents[:, 1:].detach(), self._cached_detached_classifier_params

@@ -25,8 +25,8 @@ from conftest import (
 )
 
 LOSS_KEYS = tuple(LOSS_GROUPS)
-DIAGNOSTICS = ("kl", "model_reward", "model_value", "latent_std", "reward_error", "classifier_accuracy",
-               "q_mean", "target_q_mean", "imagined_reward", "classifier_reward")
+DIAGNOSTICS = ("kl", "model_kl_term", "model_reward", "model_value", "model_value_term", "latent_std", "reward_error",
+               "classifier_accuracy", "q_mean", "target_q_mean", "imagined_reward", "classifier_reward")
 
 
 def _with_updater(loss: ALMLoss, tau: float = 0.005) -> SoftUpdate:

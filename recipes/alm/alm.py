@@ -24,6 +24,7 @@ from torchrl.objectives import SoftUpdate
 from torchrl.record.loggers import generate_exp_name, get_logger
 
 from alm_torchrl.envs import make_env
+from alm_torchrl.lower_bound import lower_bound_bias
 from alm_torchrl.replay import TRAJ_KEY, sample_slices
 from alm_torchrl.training import (
     NonFiniteGradientError,
@@ -186,6 +187,10 @@ def main(cfg: DictConfig) -> None:
             with timeit("eval"):
                 result = evaluate(eval_env, modules.eval_policy, cfg.logger.num_eval_episodes,
                                   cfg.env.max_episode_steps)
+            if cfg.logger.lower_bound_bias:
+                with timeit("eval_lower_bound"):
+                    result.update(lower_bound_bias(eval_env, loss, modules.eval_policy, cfg.logger.num_eval_episodes,
+                                                   cfg.loss.horizon, max_steps=cfg.env.max_episode_steps))
             last_eval_return = result["return_mean"]
             metrics.update({f"eval/{key}": value for key, value in result.items()})
             pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")

@@ -1,0 +1,185 @@
+"""The paper's ablations (spec, "Paper variants"): each switch changes exactly what it should, and each one is reachable
+from the recipe config."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+from torchrl.data import Unbounded
+from torchrl.objectives import SoftUpdate
+
+from alm_torchrl import make_alm_modules
+from alm_torchrl.envs import make_env
+from alm_torchrl.objectives import ALMLoss
+from alm_torchrl.training import make_loss, make_modules, make_optimizers, make_update, validate_config
+
+from conftest import HIDDEN_DIM, LATENT_DIM, OBS_DIM, action_spec, slice_batch, tiny_loss
+
+from test_recipe import ENV, RECIPE, TINY, _scalars
+
+
+def _losses(seed: int = 7, **loss_kwargs):
+    """Loss outputs of a fixed network (seed 0) on a fixed batch with fixed random draws (``seed``)."""
+    loss = tiny_loss(**loss_kwargs)
+    SoftUpdate(loss, tau=0.005)
+    torch.manual_seed(seed)
+    return loss, loss(slice_batch())
+
+
+def _perturbed(params) -> None:
+    with torch.no_grad():
+        for value in params.values(True, True):
+            value.add_(0.5 * torch.randn_like(value))
+
+
+def test_no_kl_term_removes_exactly_the_kl_from_the_model_loss():
+    _, default = _losses()
+    _, no_kl = _losses(kl_term=False)
+    assert default["model_kl_term"] > 0 and no_kl["model_kl_term"] == 0
+    torch.testing.assert_close(no_kl["kl"], default["kl"])  # still measured, no longer trained on
+    torch.testing.assert_close(no_kl["loss_model"], default["loss_model"] - default["model_kl_term"])
+    for key in ("loss_reward", "loss_classifier", "loss_qvalue", "loss_actor"):
+        torch.testing.assert_close(no_kl[key], default[key])
+
+
+def test_no_value_term_removes_exactly_the_value_from_the_model_loss():
+    _, default = _losses()
+    loss, no_value = _losses(value_term=False)
+    assert "model_value" not in no_value.keys() and "model_value" not in loss.out_keys
+    assert no_value["model_value_term"] == 0 and default["model_value_term"] != 0
+    torch.testing.assert_close(no_value["loss_model"], default["loss_model"] - default["model_value_term"])
+    # Without it, the critics' parameters cannot move loss_model.
+    loss_model = no_value["loss_model"]
+    _perturbed(loss.qvalue_network_params)
+    torch.manual_seed(7)
+    torch.testing.assert_close(loss(slice_batch())["loss_model"], loss_model)
+
+
+@pytest.mark.parametrize("classifier_coef, changes", [(0.0, False), (0.1, True)])
+def test_classifier_coef_zero_removes_the_classifier_from_the_actor_loss(classifier_coef, changes):
+    loss, out = _losses(classifier_coef=classifier_coef)
+    _perturbed(loss.classifier_params)
+    torch.manual_seed(7)
+    perturbed = loss(slice_batch())
+    assert (not torch.allclose(perturbed["loss_actor"], out["loss_actor"])) == changes
+    torch.testing.assert_close(perturbed["loss_model"], out["loss_model"])
+
+
+def test_td3_actor_objective_is_minus_the_min_q_of_the_actor_sample():
+    loss, out = _losses(actor_objective="td3")
+    assert "actor_q" in out.keys() and "imagined_reward" not in out.keys()
+    torch.testing.assert_close(out["loss_actor"], -out["actor_q"])
+    # Gradient routing is unchanged: the actor loss trains the actor only.
+    grads = torch.autograd.grad(out["loss_actor"], list(loss.parameters()), allow_unused=True)
+    names = [name for name, _ in loss.named_parameters()]
+    assert {name.split(".")[0] for name, g in zip(names, grads) if g is not None and g.any()} == {
+        "actor_network_params"
+    }
+    # No imagination: the world model, reward model and classifier cannot move the actor loss, the critics can.
+    loss_actor = out["loss_actor"].detach()
+    for params in (loss.world_model_params, loss.reward_model_params, loss.classifier_params):
+        _perturbed(params)
+    torch.manual_seed(7)
+    torch.testing.assert_close(loss(slice_batch())["loss_actor"].detach(), loss_actor)
+    _perturbed(loss.qvalue_network_params)
+    torch.manual_seed(7)
+    assert not torch.allclose(loss(slice_batch())["loss_actor"].detach(), loss_actor)
+
+
+def test_log_reward_form_is_the_appendix_a8_transform():
+    loss = tiny_loss(log_reward_shift=10.0)
+    reward = torch.tensor([-2.0, 0.0, 1.0, 5.0])
+    torch.testing.assert_close(loss._shape_reward(reward), 10.0 * (torch.log(reward + 10.0) - math.log(10.0)))
+    _, default = _losses()
+    _, small_shift = _losses(log_reward_shift=2.0)
+    _, paper_shift = _losses(log_reward_shift=10_000.0)
+    # a(log(r + a) - log a) -> r as a grows (Appendix A.8): the paper's a = 10,000 is nearly the raw reward.
+    assert not torch.allclose(small_shift["model_reward"], default["model_reward"], rtol=1e-2)
+    torch.testing.assert_close(paper_shift["model_reward"], default["model_reward"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(paper_shift["loss_reward"], default["loss_reward"])  # Eq. 11 still fits raw rewards
+
+
+def test_identity_encoder_has_no_parameters_and_the_latent_is_the_observation():
+    torch.manual_seed(0)
+    modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=LATENT_DIM,
+                               hidden_dim=HIDDEN_DIM, model_hidden_dim=HIDDEN_DIM, encoder_type="identity")
+    assert not list(modules.encoder.parameters())
+    batch = slice_batch()
+    dist = modules.encoder.get_dist(batch[:, 0].select("observation"))
+    torch.testing.assert_close(dist.mean, batch["observation"][:, 0])
+    loss = ALMLoss(**modules.loss_kwargs())
+    assert not any(name.startswith("encoder_params") for name, _ in loss.named_parameters())
+    update = make_update(loss, make_optimizers(loss, 1e-3), SoftUpdate(loss, tau=0.005))
+    before = {name: p.detach().clone() for name, p in loss.named_parameters()}
+    update(batch)
+    assert all(not torch.equal(before[name], p) for name, p in loss.named_parameters())
+
+
+def test_linear_classifier_is_one_linear_layer():
+    modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=LATENT_DIM,
+                               hidden_dim=HIDDEN_DIM, model_hidden_dim=HIDDEN_DIM, classifier_type="linear")
+    layers = [m for m in modules.classifier.modules() if isinstance(m, (nn.Linear, nn.LayerNorm))]
+    assert len(layers) == 1 and layers[0].in_features == 2 * LATENT_DIM + action_spec().shape[-1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"actor_objective": "ddpg"}, "actor_objective must be 'svg' or 'td3', got 'ddpg'"),
+    ({"log_reward_shift": 0.0}, "log_reward_shift must be positive or None, got 0.0"),
+])
+def test_bad_variant_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_loss(**kwargs)
+
+
+def _config(*overrides: str):
+    from test_recipe import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "recipes" / "alm"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, "env.name=Pendulum-v1", *overrides])
+
+
+def test_every_ablation_is_a_recipe_switch():
+    env = make_env("Pendulum-v1", seed=0, max_episode_steps=50)
+    cfg = _config("network.encoder=identity", "network.classifier=linear", "loss.kl_term=false",
+                  "loss.value_term=false", "loss.actor_objective=td3", "loss.log_reward_shift=10000",
+                  "loss.classifier_coef=0", "loss.horizon=5")
+    validate_config(cfg)
+    modules = make_modules(cfg, env, torch.device("cpu"))
+    loss = make_loss(cfg, modules, torch.device("cpu"))
+    assert not list(modules.encoder.parameters())
+    assert sum(isinstance(m, nn.Linear) for m in modules.classifier.modules()) == 1
+    assert (loss.kl_term, loss.value_term, loss.actor_objective, loss.log_reward_shift) == (False, False, "td3", 1e4)
+    assert float(loss.classifier_coef) == 0.0
+    default = make_loss(_config(), make_modules(_config(), env, torch.device("cpu")), torch.device("cpu"))
+    assert (default.kl_term, default.value_term, default.actor_objective, default.log_reward_shift) == (
+        True, True, "svg", None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("network.encoder=cnn", "network.encoder='cnn' is not one of mlp, identity"),
+    ("loss.actor_objective=sac", "loss.actor_objective='sac' is not one of svg, td3"),
+    ("loss.log_reward_shift=-1", "loss.log_reward_shift must be positive"),
+])
+def test_bad_ablation_config_is_one_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate_config(_config(override))
+
+
+def test_recipe_runs_the_ablations_and_logs_the_lower_bound_bias(tmp_path):
+    """One end-to-end run with every switch flipped, evaluating the lower-bound bias (Appendix E)."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(RECIPE), *TINY, "env.name=Pendulum-v1", "collector.total_frames=200",
+               "logger.eval_iter=200", "checkpoint.interval=1000", "network.encoder=identity",
+               "network.classifier=linear", "loss.kl_term=false", "loss.actor_objective=td3",
+               "loss.log_reward_shift=10000", "logger.lower_bound_bias=true", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scalars = _scalars(run_dir)
+    bias = (scalars / "eval" / "lower_bound_bias_mean.csv").read_text().strip().splitlines()
+    assert len(bias) == 1 and math.isfinite(float(bias[0].split(",")[1]))
+    assert (scalars / "train" / "actor_q.csv").exists() and (scalars / "train" / "model_kl_term.csv").exists()
