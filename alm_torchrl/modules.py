@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tensordict import TensorDictBase
 from tensordict.nn import (
     InteractionType,
+    TensorDictModuleBase,
     ProbabilisticTensorDictModule,
     ProbabilisticTensorDictSequential,
     TensorDictModule,
@@ -19,6 +21,7 @@ from tensordict.nn import (
 from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.data import Bounded, Composite, TensorSpec
+from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import Actor, AdditiveGaussianModule, IndependentNormal, ValueOperator
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "ConcatMLP",
     "GaussianParamHead",
     "IdentityGaussianParams",
+    "LearnedStdNoise",
+    "TanhMeanLearnedStd",
     "elu_mlp",
     "layernorm_tanh_mlp",
     "make_actor",
@@ -245,16 +250,62 @@ def make_actor(
     *,
     latent_key: NestedKey = "latent",
     action_key: NestedKey = "action",
+    learned_std: bool = False,
+    std_key: NestedKey = "action_std",
 ) -> Actor:
     """Deterministic actor: latent -> ``tanh`` mean action.
 
     As in the reference code, the tanh mean is *not* rescaled to the action bounds; noisy
     actions are clamped to them (by the exploration module when acting, by the loss inside
-    the losses).
+    the losses). ``learned_std=True`` (ALM-ENT) also writes a learned, state-dependent std under
+    ``std_key`` (:class:`TanhMeanLearnedStd`).
     """
     action_dim = action_spec.shape[-1]
+    if learned_std:
+        net = TanhMeanLearnedStd(elu_mlp(latent_dim, hidden_dim, 2 * action_dim))
+        return Actor(net, in_keys=[latent_key], out_keys=[action_key, std_key], spec=action_spec)
     net = nn.Sequential(elu_mlp(latent_dim, hidden_dim, action_dim), nn.Tanh())
     return Actor(net, in_keys=[latent_key], out_keys=[action_key], spec=action_spec)
+
+
+class TanhMeanLearnedStd(nn.Module):
+    """``net``'s output split into a tanh mean and a std squashed into ``[min_std, max_std]`` (ALM-ENT's actor).
+
+    The std range is the one ALM's exploration schedule spans (1.0 down to 0.1).
+    """
+
+    def __init__(self, net: nn.Module, min_std: float = 0.1, max_std: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.min_std = min_std
+        self.max_std = max_std
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_std = self.net(latent).chunk(2, dim=-1)
+        return torch.tanh(mean), self.min_std + (self.max_std - self.min_std) * torch.sigmoid(raw_std)
+
+
+class LearnedStdNoise(TensorDictModuleBase):
+    """Behaviour noise from the actor's own std: ``action = clamp(mean + std * eps)`` to the action bounds.
+
+    Like :class:`~torchrl.modules.AdditiveGaussianModule`, it adds noise only under ``ExplorationType.RANDOM``
+    (the collector's default), so the same policy gives the mean action in evaluation.
+    """
+
+    def __init__(self, spec: Bounded, action_key: NestedKey = "action", std_key: NestedKey = "action_std") -> None:
+        super().__init__()
+        self.in_keys = [action_key, std_key]
+        self.out_keys = [action_key]
+        self.action_key, self.std_key = action_key, std_key
+        self.register_buffer("low", spec.space.low.float())
+        self.register_buffer("high", spec.space.high.float())
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if exploration_type() in (ExplorationType.RANDOM, None):
+            mean = tensordict.get(self.action_key)
+            action = mean + tensordict.get(self.std_key) * torch.randn_like(mean)
+            tensordict.set(self.action_key, torch.maximum(torch.minimum(action, self.high), self.low))
+        return tensordict
 
 
 @dataclass
@@ -275,8 +326,9 @@ class ALMModules:
     """Behaviour policy: sampled latent, actor mean, annealed additive Gaussian noise, clamped to bounds."""
     eval_policy: TensorDictSequential
     """Encoder + actor; run it under ``ExplorationType.DETERMINISTIC`` to get the mean action."""
-    exploration_noise: AdditiveGaussianModule
-    """The policy's noise module; call ``exploration_noise.step(frames)`` as frames are collected."""
+    exploration_noise: AdditiveGaussianModule | None
+    """The policy's scheduled noise; call ``exploration_noise.step(frames)`` as frames are collected.
+    ``None`` with ``actor_std="learned"``, where the actor's own std is the noise."""
 
     def loss_kwargs(self) -> dict[str, object]:
         return {
@@ -315,6 +367,7 @@ def make_alm_modules(
     num_qvalue_nets: int = 2,
     encoder_type: str = "mlp",
     classifier_type: str = "mlp",
+    actor_std: str = "scheduled",
     noise_init: float = 1.0,
     noise_end: float = 0.1,
     noise_annealing_frames: int = 100_000,
@@ -335,6 +388,9 @@ def make_alm_modules(
             parameters, the MnM-like ablation of Fig. 13; the latent size is then the observation size and
             ``latent_dim`` is not used).
         classifier_type: ``"mlp"`` (the paper's) or ``"linear"`` (one Linear layer, Fig. 16).
+        actor_std: ``"scheduled"`` (the paper's: additive noise annealed by the schedule below) or
+            ``"learned"`` (ALM-ENT: the actor learns a state-dependent std in [0.1, 1] and the
+            behaviour policy samples with it; train it with ``ALMLoss(entropy_coef=...)``).
         noise_init, noise_end, noise_annealing_frames: the behaviour policy's noise std
             schedule (paper: 1.0 to 0.1 over 100,000 frames).
         device: where the networks live.
@@ -356,6 +412,8 @@ def make_alm_modules(
         raise ValueError(f"encoder_type must be 'mlp' or 'identity', got {encoder_type!r}.")
     if classifier_type not in ("mlp", "linear"):
         raise ValueError(f"classifier_type must be 'mlp' or 'linear', got {classifier_type!r}.")
+    if actor_std not in ("scheduled", "learned"):
+        raise ValueError(f"actor_std must be 'scheduled' or 'learned', got {actor_std!r}.")
     observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation")
     action_spec = _unbatched_leaf_spec(action_spec, action_key, "action", required_type=Bounded)
     if device is not None:
@@ -374,17 +432,23 @@ def make_alm_modules(
     reward_model = make_reward_model(latent_dim, action_dim, hidden_dim, **keys)
     classifier = make_classifier(latent_dim, action_dim, hidden_dim, linear=classifier_type == "linear", **keys)
     qvalue_network = [make_qvalue_network(latent_dim, action_dim, hidden_dim, **keys) for _ in range(num_qvalue_nets)]
-    actor_network = make_actor(latent_dim, action_spec, hidden_dim, **keys)
+    actor_network = make_actor(latent_dim, action_spec, hidden_dim, learned_std=actor_std == "learned", **keys)
 
-    exploration_noise = AdditiveGaussianModule(
-        spec=action_spec,
-        sigma_init=noise_init,
-        sigma_end=noise_end,
-        annealing_num_steps=noise_annealing_frames,
-        action_key=action_key,
-        device=device,
-    )
-    policy = TensorDictSequential(encoder, actor_network, exploration_noise)
+    if actor_std == "learned":
+        exploration_noise = None
+        noise: TensorDictModuleBase = LearnedStdNoise(action_spec, action_key=action_key)
+        if device is not None:
+            noise.to(device)
+    else:
+        exploration_noise = noise = AdditiveGaussianModule(
+            spec=action_spec,
+            sigma_init=noise_init,
+            sigma_end=noise_end,
+            annealing_num_steps=noise_annealing_frames,
+            action_key=action_key,
+            device=device,
+        )
+    policy = TensorDictSequential(encoder, actor_network, noise)
     eval_policy = TensorDictSequential(encoder, actor_network)
     modules = ALMModules(
         encoder=encoder,

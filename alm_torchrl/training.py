@@ -117,6 +117,7 @@ def make_modules(cfg: Any, env: EnvBase, device: torch.device) -> ALMModules:
         model_hidden_dim=cfg.network.model_hidden_dim,
         encoder_type=cfg.network.encoder,
         classifier_type=cfg.network.classifier,
+        actor_std=cfg.network.actor_std,
         noise_init=cfg.exploration.noise_init,
         noise_end=cfg.exploration.noise_end,
         noise_annealing_frames=cfg.exploration.annealing_frames,
@@ -176,6 +177,7 @@ def make_loss(cfg: Any, modules: ALMModules, device: torch.device) -> ALMLoss:
         value_term=cfg.loss.value_term,
         actor_objective=cfg.loss.actor_objective,
         log_reward_shift=cfg.loss.log_reward_shift,
+        entropy_coef=cfg.loss.entropy_coef,
     )
     loss.make_value_estimator(gamma=cfg.optim.gamma)
     return loss
@@ -408,12 +410,20 @@ def validate_config(cfg: Any) -> None:
         ("network.encoder", cfg.network.encoder, ("mlp", "identity")),
         ("network.classifier", cfg.network.classifier, ("mlp", "linear")),
         ("loss.actor_objective", cfg.loss.actor_objective, ("svg", "td3")),
+        ("network.actor_std", cfg.network.actor_std, ("scheduled", "learned")),
     ):
         if value not in valid:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(valid)}")
     shift = cfg.loss.log_reward_shift
     if shift is not None and not shift > 0:
         raise ValueError(f"loss.log_reward_shift must be positive (paper: 10000) or null, got {shift!r}")
+    if cfg.loss.entropy_coef < 0:
+        raise ValueError(f"loss.entropy_coef must be >= 0, got {cfg.loss.entropy_coef}")
+    if cfg.loss.entropy_coef > 0 and cfg.network.actor_std != "learned":
+        raise ValueError(
+            f"loss.entropy_coef={cfg.loss.entropy_coef} (ALM-ENT) needs an actor that learns its std: "
+            "add network.actor_std=learned"
+        )
     num_threads = cfg.compile.num_threads
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"compile.num_threads must be a positive integer or null (one per core), got {num_threads!r}")

@@ -2,6 +2,7 @@
 # torchrl/objectives/ as is.
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,10 @@ class ALMLoss(LossModule):
             actor objectives become ``a * (log(r + a) - log a)``, the logarithmic form of the
             theory (Appendix A.8, Fig. 12; the paper uses ``a = 10_000``). Defaults to ``None``
             (the raw rewards, as in the paper's main results).
+        entropy_coef (float, optional): ALM-ENT (Table 5): adds ``entropy_coef`` times the
+            entropy of the actor's Gaussian at each imagined step to that step's reward in Eq. 8,
+            SAC's entropy bonus. Needs an actor that learns its std (writes ``action_std``);
+            the losses then sample with that std. Defaults to ``0.0``.
 
     The paper's other ablations are settings too: no classifier term in Eq. 8 is
     ``classifier_coef=0``; the horizon K is the batch's time dimension.
@@ -229,6 +234,9 @@ class ALMLoss(LossModule):
                 ``"state_action_value"``.
             priority_weight (NestedKey): importance weights of a prioritized sampler, read at
                 each slice's first step. Defaults to ``"priority_weight"``.
+            action_std (NestedKey): the action std an actor with a learned std writes next to
+                its mean (ALM-ENT); without it the losses sample with ``actor_std``. Defaults to
+                ``"action_std"``.
         """
 
         observation: NestedKey = "observation"
@@ -242,6 +250,7 @@ class ALMLoss(LossModule):
         classifier_logits: NestedKey = "classifier_logits"
         state_action_value: NestedKey = "state_action_value"
         priority_weight: NestedKey = "priority_weight"
+        action_std: NestedKey = "action_std"
 
     tensor_keys: _AcceptedKeys
     default_keys = _AcceptedKeys
@@ -290,6 +299,7 @@ class ALMLoss(LossModule):
         value_term: bool = True,
         actor_objective: str = "svg",
         log_reward_shift: float | None = None,
+        entropy_coef: float = 0.0,
     ) -> None:
         if gamma is not None:
             raise TypeError(_GAMMA_LMBDA_DEPREC_ERROR)
@@ -303,6 +313,8 @@ class ALMLoss(LossModule):
             raise ValueError(f"actor_objective must be 'svg' or 'td3', got {actor_objective!r}.")
         if log_reward_shift is not None and log_reward_shift <= 0:
             raise ValueError(f"log_reward_shift must be positive or None, got {log_reward_shift}.")
+        if entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be non-negative, got {entropy_coef}.")
         if noise_clip is not None and noise_clip < 0:
             raise ValueError(f"noise_clip must be non-negative or None, got {noise_clip}.")
         for name, network in (("encoder", encoder), ("world_model", world_model)):
@@ -327,9 +339,12 @@ class ALMLoss(LossModule):
         self.value_term = value_term
         self.actor_objective = actor_objective
         self.log_reward_shift = log_reward_shift
+        self.entropy_coef = entropy_coef
         # The five losses, then the detached diagnostics, which depend on the variant.
         model_diagnostics = ["kl", "model_kl_term", "model_reward", "latent_std", "model_value_term"]
         actor_diagnostics = ["actor_q"] if actor_objective == "td3" else ["imagined_reward", "classifier_reward"]
+        if entropy_coef > 0:
+            actor_diagnostics.append("actor_entropy")
         self.out_keys = [
             "loss_model", "loss_reward", "loss_classifier", "loss_qvalue", "loss_actor",
             *model_diagnostics, *(["model_value"] if value_term else []),
@@ -515,17 +530,28 @@ class ALMLoss(LossModule):
         the noise is clipped, then the action is clamped to ``[low + 1e-6, high - 1e-6]`` in the
         forward pass while the gradient passes as if unclamped.
         """
+        return self._sample_action_and_std(latent, params)[0]
+
+    def _sample_action_and_std(self, latent: torch.Tensor, params: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_sample_action`, also returning the std it sampled with (the actor's, if it learns one)."""
         keys = self.tensor_keys
         with params.to_module(self.actor_network, preserve_module_state=False):
-            mean = self.actor_network(
-                TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1])
-            ).get(keys.action)
-        noise = self.actor_std * torch.randn_like(mean)
+            output = self.actor_network(TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1]))
+        mean = output.get(keys.action)
+        std = output.get(keys.action_std, None)
+        if std is None:
+            if self.entropy_coef > 0:
+                raise ValueError(
+                    f"entropy_coef={self.entropy_coef} needs an actor that learns its std and writes "
+                    f"{keys.action_std!r}, e.g. make_alm_modules(..., actor_std='learned')."
+                )
+            std = self.actor_std.expand_as(mean)
+        noise = std * torch.randn_like(mean)
         if self.noise_clip is not None:
             noise = noise.clamp(-self.noise_clip, self.noise_clip)
         action = mean + noise
         clamped = torch.maximum(torch.minimum(action, self.action_high - 1e-6), self.action_low + 1e-6)
-        return action + (clamped - action).detach()
+        return action + (clamped - action).detach(), std
 
     def _shape_reward(self, reward: torch.Tensor) -> torch.Tensor:
         """The rewards of the model and actor objectives: raw, or ``a (log(r + a) - log a)`` (Appendix A.8)."""
@@ -686,21 +712,23 @@ class ALMLoss(LossModule):
         metadata = {"q_mean": qvalues.detach().mean(), "target_q_mean": target_value.detach().mean()}
         return self._reduce(loss, batch), metadata
 
-    def _imagine(self, latent: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _imagine(self, latent: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rolls the current actor through the frozen world model for ``horizon`` steps.
 
-        Returns latents z_0..z_K and actions a_0..a_K, each stacked on dim 1. Actions are
-        sampled from pi(sg(z_t)); z_{t+1} is a reparameterised sample of m(z_t, a_t), so the
-        gradient of later steps reaches earlier actions through the model.
+        Returns latents z_0..z_K, actions a_0..a_K and the actor's stds at z_0..z_{K-1}, each
+        stacked on dim 1. Actions are sampled from pi(sg(z_t)); z_{t+1} is a reparameterised
+        sample of m(z_t, a_t), so the gradient of later steps reaches earlier actions through
+        the model.
         """
-        latents, actions = [latent], []
+        latents, actions, stds = [latent], [], []
         for _ in range(horizon):
-            action = self._sample_action(latent.detach(), self.actor_network_params)
+            action, std = self._sample_action_and_std(latent.detach(), self.actor_network_params)
             latent = self._predict_next_latent(latent, action, self._cached_detached_world_model_params).rsample()
             actions.append(action)
+            stds.append(std)
             latents.append(latent)
         actions.append(self._sample_action(latent.detach(), self.actor_network_params))
-        return torch.stack(latents, dim=1), torch.stack(actions, dim=1)
+        return torch.stack(latents, dim=1), torch.stack(actions, dim=1), torch.stack(stds, dim=1)
 
     def _td3_actor_loss(
         self, batch: _SliceBatch, latent: torch.Tensor
@@ -715,7 +743,7 @@ class ALMLoss(LossModule):
         if self.actor_objective == "td3":
             return self._td3_actor_loss(batch, latent)
         horizon = batch.horizon
-        latents, actions = self._imagine(latent, horizon)  # [B, K + 1, Z], [B, K + 1, A]
+        latents, actions, stds = self._imagine(latent, horizon)  # [B, K + 1, Z], [B, K + 1, A], [B, K, A]
         current_latents, current_actions = latents[:, :-1], actions[:, :-1]
         imagined_reward = self._shape_reward(
             self._predict_reward(current_latents, current_actions, self._cached_detached_reward_model_params)
@@ -726,6 +754,12 @@ class ALMLoss(LossModule):
         # log C / (1 - C) for the "real" class: the intrinsic KL reward of Eq. 8.
         classifier_reward = logits[..., 1:] - logits[..., :1]
         reward = imagined_reward + self.classifier_coef * classifier_reward
+        metadata = {}
+        if self.entropy_coef > 0:
+            # ALM-ENT: SAC's entropy bonus, the entropy of the actor's Gaussian at each imagined step.
+            entropy = (0.5 * math.log(2 * math.pi * math.e) + stds.log()).sum(-1, keepdim=True)  # [B, K, 1]
+            reward = reward + self.entropy_coef * entropy
+            metadata["actor_entropy"] = entropy.detach().mean()
         # The critics see sg(a_t): the actor's gradient comes through the latents only.
         qvalues = self._qvalues(latents, actions.detach(), self._cached_detached_qvalue_network_params)
         qvalues = qvalues.min(0).values  # [B, K + 1, 1]
@@ -738,10 +772,8 @@ class ALMLoss(LossModule):
         )  # [B, K, 1]
         discounts = gamma ** torch.arange(horizon, device=returns.device, dtype=returns.dtype)
         loss = -(discounts * returns.squeeze(-1)).mean(1)
-        metadata = {
-            "imagined_reward": imagined_reward.detach().mean(),
-            "classifier_reward": classifier_reward.detach().mean(),
-        }
+        metadata["imagined_reward"] = imagined_reward.detach().mean()
+        metadata["classifier_reward"] = classifier_reward.detach().mean()
         return self._reduce(loss, batch), metadata
 
     # ------------------------------------------------------------------ public API

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from hydra import compose, initialize_config_dir
 from torch import nn
 from torchrl.data import Unbounded
@@ -104,6 +106,66 @@ def test_log_reward_form_is_the_appendix_a8_transform():
     torch.testing.assert_close(paper_shift["loss_reward"], default["loss_reward"])  # Eq. 11 still fits raw rewards
 
 
+def _ent_loss(entropy_coef: float) -> ALMLoss:
+    torch.manual_seed(0)
+    modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=LATENT_DIM,
+                               hidden_dim=HIDDEN_DIM, model_hidden_dim=HIDDEN_DIM, actor_std="learned")
+    loss = ALMLoss(**modules.loss_kwargs(), entropy_coef=entropy_coef)
+    SoftUpdate(loss, tau=0.005)
+    return loss
+
+
+def test_alm_ent_adds_the_entropy_bonus_to_the_imagined_rewards():
+    batch = slice_batch(horizon=1)  # K = 1: G_0 = r_0 + gamma q_1, so the bonus enters loss_actor once
+    outputs = {}
+    for coef in (0.0, 0.5):
+        torch.manual_seed(3)
+        outputs[coef] = _ent_loss(coef)(batch)
+    assert "actor_entropy" in outputs[0.5].keys() and "actor_entropy" not in outputs[0.0].keys()
+    torch.testing.assert_close(outputs[0.5]["loss_actor"], outputs[0.0]["loss_actor"] - 0.5 * outputs[0.5]["actor_entropy"])
+    torch.testing.assert_close(outputs[0.5]["loss_model"], outputs[0.0]["loss_model"])
+
+
+def test_alm_ent_bonus_raises_the_learned_std():
+    loss = _ent_loss(entropy_coef=100.0)
+    optimizer = torch.optim.Adam(loss.actor_network_params.values(True, True), lr=1e-2)
+    latent = torch.randn(64, LATENT_DIM)
+
+    def mean_std() -> float:
+        with loss.actor_network_params.to_module(loss.actor_network):
+            return loss.actor_network(TensorDict({"latent": latent}, [64]))["action_std"].mean().item()
+
+    before = mean_std()
+    for step in range(30):
+        optimizer.zero_grad()
+        loss(slice_batch(seed=step))["loss_actor"].backward()
+        optimizer.step()
+    assert before < 0.7 < mean_std() <= 1.0
+
+
+def test_learned_std_policy_samples_with_its_std_and_evaluates_the_mean():
+    torch.manual_seed(0)
+    modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=LATENT_DIM,
+                               hidden_dim=HIDDEN_DIM, model_hidden_dim=HIDDEN_DIM, actor_std="learned")
+    assert modules.exploration_noise is None
+    observation = TensorDict({"observation": torch.randn(1, OBS_DIM).expand(4000, OBS_DIM)}, [4000])
+    with set_exploration_type(ExplorationType.RANDOM):
+        noisy = modules.policy(observation.clone())
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        mean = modules.policy(observation.clone())
+    assert (mean["action"] == mean["action"][:1]).all()
+    assert noisy["action"].abs().max() <= 1.0
+    # Away from the bounds the spread is the actor's std (the latent is sampled too, so a little wider).
+    assert (noisy["action"].std(0) >= 0.9 * noisy["action_std"][0]).all()
+
+
+def test_entropy_bonus_without_a_learned_std_is_one_clear_error():
+    loss = tiny_loss(entropy_coef=0.1)
+    SoftUpdate(loss, tau=0.005)
+    with pytest.raises(ValueError, match="entropy_coef=0.1 needs an actor that learns its std"):
+        loss(slice_batch())
+
+
 def test_identity_encoder_has_no_parameters_and_the_latent_is_the_observation():
     torch.manual_seed(0)
     modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=LATENT_DIM,
@@ -147,14 +209,14 @@ def test_every_ablation_is_a_recipe_switch():
     env = make_env("Pendulum-v1", seed=0, max_episode_steps=50)
     cfg = _config("network.encoder=identity", "network.classifier=linear", "loss.kl_term=false",
                   "loss.value_term=false", "loss.actor_objective=td3", "loss.log_reward_shift=10000",
-                  "loss.classifier_coef=0", "loss.horizon=5")
+                  "loss.classifier_coef=0", "loss.horizon=5", "network.actor_std=learned", "loss.entropy_coef=0.1")
     validate_config(cfg)
     modules = make_modules(cfg, env, torch.device("cpu"))
     loss = make_loss(cfg, modules, torch.device("cpu"))
     assert not list(modules.encoder.parameters())
     assert sum(isinstance(m, nn.Linear) for m in modules.classifier.modules()) == 1
     assert (loss.kl_term, loss.value_term, loss.actor_objective, loss.log_reward_shift) == (False, False, "td3", 1e4)
-    assert float(loss.classifier_coef) == 0.0
+    assert float(loss.classifier_coef) == 0.0 and loss.entropy_coef == 0.1 and modules.exploration_noise is None
     default = make_loss(_config(), make_modules(_config(), env, torch.device("cpu")), torch.device("cpu"))
     assert (default.kl_term, default.value_term, default.actor_objective, default.log_reward_shift) == (
         True, True, "svg", None)
@@ -164,6 +226,7 @@ def test_every_ablation_is_a_recipe_switch():
     ("network.encoder=cnn", "network.encoder='cnn' is not one of mlp, identity"),
     ("loss.actor_objective=sac", "loss.actor_objective='sac' is not one of svg, td3"),
     ("loss.log_reward_shift=-1", "loss.log_reward_shift must be positive"),
+    ("loss.entropy_coef=0.1", "needs an actor that learns its std: add network.actor_std=learned"),
 ])
 def test_bad_ablation_config_is_one_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
@@ -183,3 +246,14 @@ def test_recipe_runs_the_ablations_and_logs_the_lower_bound_bias(tmp_path):
     bias = (scalars / "eval" / "lower_bound_bias_mean.csv").read_text().strip().splitlines()
     assert len(bias) == 1 and math.isfinite(float(bias[0].split(",")[1]))
     assert (scalars / "train" / "actor_q.csv").exists() and (scalars / "train" / "model_kl_term.csv").exists()
+
+
+def test_recipe_runs_alm_ent(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(RECIPE), *TINY, "env.name=Pendulum-v1", "collector.total_frames=200",
+               "logger.eval_iter=200", "checkpoint.interval=1000", "network.actor_std=learned",
+               "loss.entropy_coef=0.1", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    entropy = (_scalars(run_dir) / "train" / "actor_entropy.csv").read_text().strip().splitlines()
+    assert entropy and all(math.isfinite(float(line.split(",")[1])) for line in entropy)

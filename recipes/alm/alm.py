@@ -90,7 +90,8 @@ def main(cfg: DictConfig) -> None:
         state = load_checkpoint(cfg.checkpoint.resume, mmap=True)  # a 1e6 buffer is ~3 GB: map it, do not copy it
         loss.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
-        modules.exploration_noise.load_state_dict(state["exploration_noise"])
+        if modules.exploration_noise is not None:  # None when the actor learns its std (ALM-ENT)
+            modules.exploration_noise.load_state_dict(state["exploration_noise"])
         restore_replay_buffer(replay_buffer, state["replay_buffer"], device)
         set_rng_state(state["rng"])
         collected_frames, num_updates = state["collected_frames"], state["num_updates"]
@@ -123,7 +124,9 @@ def main(cfg: DictConfig) -> None:
                 "logger_step": collected_frames,
                 "loss": loss.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "exploration_noise": modules.exploration_noise.state_dict(),
+                "exploration_noise": (
+                    modules.exploration_noise.state_dict() if modules.exploration_noise is not None else None
+                ),
                 "replay_buffer": replay_buffer.state_dict(),
                 "rng": rng_state(),
             },
@@ -149,8 +152,9 @@ def main(cfg: DictConfig) -> None:
 
         if collected_frames >= cfg.collector.init_random_frames:
             # The noise anneals over the frames collected after the warm-up; the losses sample with the same std.
-            modules.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
-            loss.actor_std = float(modules.exploration_noise.sigma)
+            if modules.exploration_noise is not None:
+                modules.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
+                loss.actor_std = float(modules.exploration_noise.sigma)
             for _ in range(num_updates_per_batch):
                 try:
                     batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
