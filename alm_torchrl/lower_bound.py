@@ -34,8 +34,6 @@ import numbers
 from collections.abc import Callable
 
 import torch
-from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModuleBase
 from torch import distributions as d
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
@@ -62,66 +60,6 @@ NORMALISATION_FLOOR = 10.0
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------- network calls
-# Each helper calls one of the loss's networks through its functional parameters, as ALMLoss's private helpers do.
-
-
-def _latent_dist(network: TensorDictModuleBase, params: TensorDictBase, inputs: TensorDictBase) -> d.Distribution:
-    with params.to_module(network, preserve_module_state=False):
-        return network.get_dist(inputs)
-
-
-def _latent(dist: d.Distribution, sample: bool) -> torch.Tensor:
-    return dist.sample() if sample else dist.mean
-
-
-def _encode(loss, observation: torch.Tensor, params: TensorDictBase) -> d.Distribution:
-    inputs = TensorDict({loss.tensor_keys.observation: observation}, batch_size=observation.shape[:-1])
-    return _latent_dist(loss.encoder, params, inputs)
-
-
-def _predict_next_latent(loss, latent: torch.Tensor, action: torch.Tensor) -> d.Distribution:
-    keys = loss.tensor_keys
-    inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
-    return _latent_dist(loss.world_model, loss.world_model_params, inputs)
-
-
-def _predict_reward(loss, latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    keys = loss.tensor_keys
-    inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
-    with loss.reward_model_params.to_module(loss.reward_model, preserve_module_state=False):
-        return loss.reward_model(inputs).get(keys.predicted_reward).squeeze(-1)
-
-
-def _classifier_reward(loss, latent: torch.Tensor, action: torch.Tensor, next_latent: torch.Tensor) -> torch.Tensor:
-    """``log C / (1 - C)`` for the "real" class: logit 1 minus logit 0, as in the actor loss."""
-    keys = loss.tensor_keys
-    inputs = TensorDict(
-        {keys.latent: latent, keys.action: action, keys.next_latent: next_latent}, batch_size=latent.shape[:-1]
-    )
-    with loss.classifier_params.to_module(loss.classifier, preserve_module_state=False):
-        logits = loss.classifier(inputs).get(keys.classifier_logits)
-    return logits[..., 1] - logits[..., 0]
-
-
-def _actor_mean(loss, latent: torch.Tensor) -> torch.Tensor:
-    keys = loss.tensor_keys
-    inputs = TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1])
-    with loss.actor_network_params.to_module(loss.actor_network, preserve_module_state=False):
-        return loss.actor_network(inputs).get(keys.action)
-
-
-def _min_qvalue(loss, latent: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """``min_i Q_i(z, a)`` over the online critics, whose parameters are stacked on dim 0 (any number of them)."""
-    keys = loss.tensor_keys
-    inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
-    values = []
-    for critic_params in loss.qvalue_network_params.unbind(0):
-        with critic_params.to_module(loss.qvalue_network, preserve_module_state=False):
-            values.append(loss.qvalue_network(inputs.copy()).get(keys.state_action_value).squeeze(-1))
-    return torch.stack(values).min(0).values
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -159,20 +97,30 @@ def lower_bound_estimate(
     classifier_coef = float(loss.classifier_coef)
     encoder_params = loss.target_encoder_params if target_encoder else loss.encoder_params
 
-    latent = _latent(_encode(loss, observation, encoder_params), sample_latents)
+    # The loss's own network calls (its functional parameters and tensor keys), without noise or gradients.
+    def latent_of(dist: d.Distribution) -> torch.Tensor:
+        return dist.sample() if sample_latents else dist.mean
+
+    def mean_action(latent: torch.Tensor) -> torch.Tensor:
+        return loss._actor_output(latent, loss.actor_network_params).get(loss.tensor_keys.action)
+
+    latent = latent_of(loss._encode(observation, encoder_params))
     if action is None:
-        action = _actor_mean(loss, latent)
+        action = mean_action(latent)
     lower_bound = torch.zeros(latent.shape[:-1], dtype=latent.dtype, device=latent.device)
     discount = 1.0
     for _ in range(horizon):
-        next_latent = _latent(_predict_next_latent(loss, latent, action), sample_latents)
-        step_reward = _predict_reward(loss, latent, action)
-        step_reward = step_reward + classifier_coef * _classifier_reward(loss, latent, action, next_latent)
+        next_latent = latent_of(loss._predict_next_latent(latent, action, loss.world_model_params))
+        step_reward = loss._predict_reward(latent, action, loss.reward_model_params).squeeze(-1)
+        # log C / (1 - C) for the "real" class: logit 1 minus logit 0, as in the actor loss.
+        logits = loss._classify(latent, action, next_latent, loss.classifier_params)
+        step_reward = step_reward + classifier_coef * (logits[..., 1] - logits[..., 0])
         lower_bound = lower_bound + discount * step_reward
         discount *= gamma
         latent = next_latent
-        action = _actor_mean(loss, latent)
-    return lower_bound + discount * _min_qvalue(loss, latent, action)
+        action = mean_action(latent)
+    min_qvalue = loss._qvalues(latent, action, loss.qvalue_network_params).min(0).values.squeeze(-1)
+    return lower_bound + discount * min_qvalue
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:

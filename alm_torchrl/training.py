@@ -34,6 +34,7 @@ from alm_torchrl.replay import make_replay_buffer
 
 __all__ = [
     "CHECKPOINT_FILENAME",
+    "GROUP_LOSSES",
     "OPTIMIZER_GROUPS",
     "NonFiniteGradientError",
     "checkpoint_file",
@@ -65,11 +66,21 @@ OPTIMIZER_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The losses whose gradients each optimizer group receives (ALMLoss isolates the rest).
+GROUP_LOSSES: dict[str, tuple[str, ...]] = {
+    "model": ("loss_model",),
+    "reward_classifier": ("loss_reward", "loss_classifier"),
+    "qvalue": ("loss_qvalue",),
+    "actor": ("loss_actor",),
+}
+
+
 class NonFiniteGradientError(RuntimeError):
-    """Raised by the update when a parameter group's gradient norm is NaN or infinite; names the group."""
+    """Raised by the update when a parameter group's gradient norm is NaN or infinite; names the group and its losses."""
 
     def __init__(self, group: str, norm: float) -> None:
-        super().__init__(f"non-finite gradient norm ({norm}) in optimizer group {group!r}")
+        losses = " + ".join(GROUP_LOSSES.get(group, ()))
+        super().__init__(f"non-finite gradient norm ({norm}) from {losses or 'the losses'} in optimizer group {group!r}")
         self.group = group
         self.norm = norm
 

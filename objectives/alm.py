@@ -532,11 +532,15 @@ class ALMLoss(LossModule):
         """
         return self._sample_action_and_std(latent, params)[0]
 
+    def _actor_output(self, latent: torch.Tensor, params: TensorDictBase) -> TensorDictBase:
+        """The actor's output at ``latent``: the mean ``action`` (and ``action_std`` if it learns one)."""
+        with params.to_module(self.actor_network, preserve_module_state=False):
+            return self.actor_network(TensorDict({self.tensor_keys.latent: latent}, batch_size=latent.shape[:-1]))
+
     def _sample_action_and_std(self, latent: torch.Tensor, params: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_sample_action`, also returning the std it sampled with (the actor's, if it learns one)."""
         keys = self.tensor_keys
-        with params.to_module(self.actor_network, preserve_module_state=False):
-            output = self.actor_network(TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1]))
+        output = self._actor_output(latent, params)
         mean = output.get(keys.action)
         std = output.get(keys.action_std, None)
         if std is None:

@@ -16,6 +16,8 @@ from torchrl.objectives import SoftUpdate
 
 from alm_torchrl.replay import make_replay_buffer
 from alm_torchrl.training import (
+    GROUP_LOSSES,
+    OPTIMIZER_GROUPS,
     NonFiniteGradientError,
     load_checkpoint,
     make_optimizers,
@@ -185,6 +187,10 @@ def test_optimizer_groups_cover_every_parameter_once():
     assert set(prefixes["model"]) == {"encoder_params", "world_model_params"}
     assert set(prefixes["reward_classifier"]) == {"reward_model_params", "classifier_params"}
     assert set(LOSS_GROUPS) == {"loss_model", "loss_reward", "loss_classifier", "loss_qvalue", "loss_actor"}
+    # Every loss's gradient lands in exactly one named group, the one the error message names.
+    assert sorted(loss for losses in GROUP_LOSSES.values() for loss in losses) == sorted(LOSS_GROUPS)
+    for group, losses in GROUP_LOSSES.items():
+        assert {p for loss in losses for p in LOSS_GROUPS[loss]} == set(OPTIMIZER_GROUPS[group])
 
 
 def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters_alone():
@@ -195,7 +201,7 @@ def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters
     assert {"loss_model", "grad_norm_model", "grad_norm_actor"} <= set(metrics.keys())
     before = {name: p.detach().clone() for name, p in loss.named_parameters()}
     next(iter(loss.qvalue_network_params.values(True, True))).register_hook(lambda grad: grad * float("nan"))
-    with pytest.raises(NonFiniteGradientError, match="'qvalue'"):
+    with pytest.raises(NonFiniteGradientError, match="from loss_qvalue in optimizer group 'qvalue'"):
         update(slice_batch(seed=2))
     assert all(torch.equal(before[name], p) for name, p in loss.named_parameters())
 
