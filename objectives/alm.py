@@ -722,7 +722,7 @@ class ALMLoss(LossModule):
         Returns latents z_0..z_K, actions a_0..a_K and the actor's stds at z_0..z_{K-1}, each
         stacked on dim 1. Actions are sampled from pi(sg(z_t)); z_{t+1} is a reparameterised
         sample of m(z_t, a_t), so the gradient of later steps reaches earlier actions through
-        the model.
+        the model. a_K only feeds the critics as sg(a_K), so it is sampled without a graph.
         """
         latents, actions, stds = [latent], [], []
         for _ in range(horizon):
@@ -731,7 +731,8 @@ class ALMLoss(LossModule):
             actions.append(action)
             stds.append(std)
             latents.append(latent)
-        actions.append(self._sample_action(latent.detach(), self.actor_network_params))
+        with torch.no_grad():
+            actions.append(self._sample_action(latent, self._cached_detached_actor_network_params))
         return torch.stack(latents, dim=1), torch.stack(actions, dim=1), torch.stack(stds, dim=1)
 
     def _td3_actor_loss(
@@ -764,15 +765,17 @@ class ALMLoss(LossModule):
             entropy = (0.5 * math.log(2 * math.pi * math.e) + stds.log()).sum(-1, keepdim=True)  # [B, K, 1]
             reward = reward + self.entropy_coef * entropy
             metadata["actor_entropy"] = entropy.detach().mean()
-        # The critics see sg(a_t): the actor's gradient comes through the latents only.
-        qvalues = self._qvalues(latents, actions.detach(), self._cached_detached_qvalue_network_params)
-        qvalues = qvalues.min(0).values  # [B, K + 1, 1]
+        # The critics see sg(a_t): the actor's gradient comes through the latents only. The
+        # lambda-returns read q_1..q_K (q_0 never enters them), so z_0 is not evaluated.
+        next_qvalues = self._qvalues(
+            latents[:, 1:], actions[:, 1:].detach(), self._cached_detached_qvalue_network_params
+        ).min(0).values  # [B, K, 1]
         # One discount for the critic target and the imagined returns, set via make_value_estimator.
         gamma = self.value_estimator.gamma
         never = torch.zeros_like(reward, dtype=torch.bool)
         # Eq. 8: G_t = r_t + gamma ((1 - lambda) q_{t+1} + lambda G_{t+1}), with G_K = q_K.
         returns = td_lambda_return_estimate(
-            gamma, self.lmbda, qvalues[:, 1:], reward, done=never, terminated=never, time_dim=-2
+            gamma, self.lmbda, next_qvalues, reward, done=never, terminated=never, time_dim=-2
         )  # [B, K, 1]
         discounts = gamma ** torch.arange(horizon, device=returns.device, dtype=returns.dtype)
         loss = -(discounts * returns.squeeze(-1)).mean(1)

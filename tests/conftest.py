@@ -26,6 +26,19 @@ LOSS_GROUPS = {
 }
 
 
+# Recipe overrides for end-to-end runs that take seconds: tiny networks, short episodes, a short warm-up.
+TINY_RECIPE = [
+    "network.latent_dim=4",
+    "network.hidden_dim=16",
+    "network.model_hidden_dim=16",
+    "optim.batch_size=8",
+    "collector.init_random_frames=100",
+    "collector.frames_per_batch=10",
+    "logger.num_eval_episodes=1",
+    "env.max_episode_steps=50",
+]
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     # Tiny networks gain nothing from intra-op threads and the 2-core CI box stalls on them.

@@ -26,20 +26,10 @@ from alm_torchrl.training import (
     save_checkpoint,
 )
 
-from conftest import LOSS_GROUPS, slice_batch, tiny_loss
+from conftest import LOSS_GROUPS, TINY_RECIPE as TINY, slice_batch, tiny_loss
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "alm" / "alm.py"
-TINY = [
-    "network.latent_dim=4",
-    "network.hidden_dim=16",
-    "network.model_hidden_dim=16",
-    "optim.batch_size=8",
-    "collector.init_random_frames=100",
-    "collector.frames_per_batch=10",
-    "logger.num_eval_episodes=1",
-    "env.max_episode_steps=50",
-]
 SMOKE = [*TINY, "collector.total_frames=300", "logger.eval_iter=150", "checkpoint.interval=150"]
 # One intra-op thread per recipe process: the 2-core box stalls on oversubscription.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}

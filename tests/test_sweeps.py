@@ -23,20 +23,11 @@ from omegaconf import OmegaConf
 from alm_torchrl.envs import check_env_name, replay_buffer_size_for
 from alm_torchrl.training import load_checkpoint
 
+from conftest import TINY_RECIPE as TINY
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "alm" / "alm.py"
 CONFIG_DIR = REPO / "recipes" / "alm"
-# The tiny networks and short episodes of tests/test_recipe.py.
-TINY = [
-    "network.latent_dim=4",
-    "network.hidden_dim=16",
-    "network.model_hidden_dim=16",
-    "optim.batch_size=8",
-    "collector.init_random_frames=100",
-    "collector.frames_per_batch=10",
-    "logger.num_eval_episodes=1",
-    "env.max_episode_steps=50",
-]
 # 200 frames on Pendulum-v1, evaluated at 100 and 200.
 SWEEP_RUN = [*TINY, "env.name=Pendulum-v1", "collector.total_frames=200", "logger.eval_iter=100",
              "checkpoint.interval=100000"]
