@@ -334,7 +334,7 @@ def plot_task(
             continue
         frames, mean, std = aggregate_curves(curves.values())
         last_frame = max(last_frame, int(frames[-1]))
-        line, = axes.plot(frames, mean, label=textwrap.fill(f"{variant} ({len(curves)} seeds)", LEGEND_WIDTH))
+        line, = axes.plot(frames, mean, label=textwrap.fill(f"{variant} ({_seeds(len(curves))})", LEGEND_WIDTH))
         axes.fill_between(frames, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     if reference is not None:
         shown = np.ones(len(reference.frames), dtype=bool) if full_reference else (
@@ -343,7 +343,7 @@ def plot_task(
             frames, returns = reference.frames[shown], reference.returns[shown]
             mean, std = returns.mean(axis=1), returns.std(axis=1)
             axes.plot(frames, mean, color="black", linestyle="--",
-                      label=f"{REFERENCE_LABEL} ({returns.shape[1]} seeds)")
+                      label=f"{REFERENCE_LABEL} ({_seeds(returns.shape[1])})")
             axes.fill_between(frames, mean - std, mean + std, color="black", alpha=0.1, linewidth=0)
     axes.set_xlabel("env frames")
     axes.set_ylabel(metric)
@@ -363,9 +363,15 @@ def _format_mean_std(mean: float, std: float) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
+def _seeds(count: int) -> str:
+    return f"{count} seed" if count == 1 else f"{count} seeds"
+
+
 def _format_frames(frames: int) -> str:
-    """A frame count as a column header: ``20k`` for multiples of 1,000."""
-    return f"{frames // 1000}k" if frames >= 1000 and frames % 1000 == 0 else str(frames)
+    """A frame count as a column header: ``20k`` for multiples of 1,000, ``7.5k`` for multiples of 100."""
+    if frames >= 1000 and frames % 100 == 0:
+        return f"{frames / 1000:g}k"
+    return str(frames)
 
 
 def format_markdown(rows: Sequence[Row], metric: str) -> str:

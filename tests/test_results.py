@@ -173,7 +173,9 @@ def test_value_at_or_before_and_n(tmp_path, capsys):
     assert table[20000][0] == 0 and math.isnan(table[20000][1])
     out = tmp_path / "out"
     assert run_main(tmp_path, "--out", out, "--frames", "12500", "20000") == 0
-    assert "| Ant-v5 | default | 2.00 ± 0.00 (n=1) | – (n=0) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| task | variant | 12.5k | 20k |" in printed
+    assert "| Ant-v5 | default | 2.00 ± 0.00 (n=1) | – (n=0) |" in printed
 
 
 def test_resumed_run_continues_its_seed(tmp_path, capsys):
