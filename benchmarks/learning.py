@@ -1,11 +1,11 @@
-"""Small-scale learning benchmark: does ALM learn? (about 33 minutes on an otherwise idle 2-core CPU machine)
+"""Small-scale learning benchmark: does ALM learn? (about 42 minutes on an otherwise idle 2-core CPU machine)
 
 Trains ALM with the recipe (``recipes/alm/alm.py``) on Pendulum-v1, InvertedPendulum-v5 and HalfCheetah-v5 for
 20,000 env frames each, 3 seeds each (9 runs), with small networks and batch so that it fits a 2-core CPU machine,
 then writes the table and figures with ``python -m alm_torchrl.results`` plus ``run_info.json`` (how, where and how
 long it ran). See ``benchmarks/learning.md`` for the settings, their calibration and how to read the results.
 
-    python benchmarks/learning.py --reference-dir shared/reference/official-alm-scores   # the benchmark (~33 min)
+    python benchmarks/learning.py --reference-dir shared/reference/official-alm-scores   # the benchmark (~42 min)
     python benchmarks/learning.py --dry-run                                               # print the commands only
     python benchmarks/learning.py --smoke                                                 # ~1-2 min pipeline check in /tmp
 

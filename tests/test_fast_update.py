@@ -4,7 +4,6 @@ differentiated on its own into its own group, four separate plain Adam optimizer
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import pytest
@@ -99,7 +98,6 @@ def test_compiled_update_equals_sequential_update(monkeypatch):
     reference, optimizers, fast = _pair(deactivate_vmap=False)
     reference_targets = SoftUpdate(reference, tau=TAU)
     update = make_update(fast, make_optimizers(fast, LR), SoftUpdate(fast, tau=TAU), MAX_GRAD_NORM, compile=True)
-    start = time.perf_counter()
     for step in range(3):  # the first call runs eagerly (warm-up), the next ones compiled
         batch = slice_batch(seed=10 + step)
         torch.manual_seed(step)
@@ -107,4 +105,3 @@ def test_compiled_update_equals_sequential_update(monkeypatch):
         torch.manual_seed(step)
         update(batch)
     _assert_same_state(reference, fast)
-    assert time.perf_counter() - start < 300, "compilation took unexpectedly long"
