@@ -1,0 +1,174 @@
+"""Time the original ALM implementation's update on this machine, to compare with ``update_speed.py``.
+
+The original code (https://github.com/RajGhugare19/alm) is not part of this repository: point
+``--reference-dir`` at a checkout of it. This script builds its ``AlmAgent`` with the paper's settings
+(the original ``cfgs/agent/alm.yaml``), fills the agent's own replay memory with the original random
+warm-up (5,000 uniformly random actions in the gymnasium MuJoCo env), then times ``agent.update(step)``,
+the original's full update: a batch of sequences for the encoder and model, a second uniform batch for
+the reward, classifier, critic and actor, four optimizers, soft target updates. Its numpy sampling runs
+inside ``update``, so it is timed too and also reported on its own (``ms_per_sample_median``).
+One JSON line on stdout, with the same keys as ``update_speed.py`` where they mean the same thing.
+
+The original imports old ``gym`` (with ``mujoco-py``) in ``utils/env.py`` and ``wandb`` in the agent; neither is
+used by the update, so this script puts small stand-ins for those two modules in ``sys.modules`` before importing
+the agent, and leaves the rest of the original code as it is.
+
+Example::
+
+    git clone https://github.com/RajGhugare19/alm /tmp/alm-original
+    python benchmarks/reference_update_speed.py --reference-dir /tmp/alm-original
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from alm_torchrl.training import configure_cpu_runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from update_speed import cpu_model  # noqa: E402  (benchmarks/ is not a package)
+
+# The original's cfgs/agent/alm.yaml (paper settings).
+ORIGINAL_AGENT_CONFIG = dict(
+    env_buffer_size=100_000,
+    gamma=0.99,
+    tau=0.005,
+    target_update_interval=1,
+    lr={"model": 1e-4, "reward": 1e-4, "critic": 1e-4, "actor": 1e-4},
+    max_grad_norm=100.0,
+    batch_size=512,
+    seq_len=3,
+    lambda_cost=0.1,
+    expl_start=1.0,
+    expl_end=0.1,
+    expl_duration=100_000,
+    stddev_clip=0.3,
+    latent_dims=50,
+    hidden_dims=512,
+    model_hidden_dims=1024,
+    log_wandb=False,
+    log_interval=500,
+    identity_encoder=False,
+    positive_reward=False,
+    total_positive_reward=False,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference-dir", required=True, type=Path,
+                        help="a checkout of https://github.com/RajGhugare19/alm")
+    parser.add_argument("--env", default="HalfCheetah-v5", help="a gymnasium MuJoCo id")
+    parser.add_argument("--updates", type=int, default=30, help="timed updates")
+    parser.add_argument("--warmup-updates", type=int, default=5, help="untimed updates first")
+    parser.add_argument("--explore-steps", type=int, default=5_000,
+                        help="random-action steps stored before timing (the original's explore_steps)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: one per core)")
+    parser.add_argument("--tune-malloc", action="store_true",
+                        help="apply this project's malloc tuning (configure_cpu_runtime) to the original too")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    agent_file = args.reference_dir / "agents" / "alm.py"
+    if not agent_file.is_file():
+        parser.error(f"--reference-dir {args.reference_dir}: no agents/alm.py there; "
+                     "expected a checkout of https://github.com/RajGhugare19/alm")
+    return args
+
+
+def import_original_agent(reference_dir: Path):
+    """The original ``AlmAgent``, with stand-ins for the two imports its update never uses."""
+
+    def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
+        return end + (1 - min(step / duration, 1)) * (start - end)
+
+    def unused(*args, **kwargs):
+        raise NotImplementedError("not needed to time the update")
+
+    env_utils = types.ModuleType("utils.env")  # stands in for the original utils/env.py (old gym + mujoco-py)
+    env_utils.linear_schedule = linear_schedule
+    env_utils.register_mbpo_environments = env_utils.save_frames_as_gif = unused
+    env_utils.GymPostiveRewardWrapper = object
+    wandb = types.ModuleType("wandb")  # only called when logging, which this benchmark turns off
+    wandb.log = unused
+    sys.modules.setdefault("wandb", wandb)
+    sys.modules["utils.env"] = env_utils
+    sys.path.insert(0, str(reference_dir.resolve()))
+    from agents.alm import AlmAgent
+
+    return AlmAgent
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    configure_cpu_runtime(args.threads, keep_freed_memory=args.tune_malloc)
+    AlmAgent = import_original_agent(args.reference_dir)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    env = gym.make(args.env)
+    agent = AlmAgent(
+        torch.device("cpu"),
+        float(env.action_space.low[0]),
+        float(env.action_space.high[0]),
+        env.observation_space.shape[0],
+        env.action_space.shape[0],
+        **ORIGINAL_AGENT_CONFIG,
+    )
+    # The original warm-up: uniformly random actions; time-limit truncations are not stored as terminal.
+    state, _ = env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    for _ in range(args.explore_steps):
+        action = env.action_space.sample()
+        next_state, reward, terminated, truncated, _ = env.step(action)
+        agent.env_buffer.push((state, action, reward, next_state, terminated))
+        state = env.reset()[0] if terminated or truncated else next_state
+
+    durations = []
+    for step in range(1, args.warmup_updates + args.updates + 1):
+        start = time.perf_counter()
+        agent.update(step)
+        if step > args.warmup_updates:
+            durations.append(time.perf_counter() - start)
+    sample_durations = []
+    for _ in range(args.updates):
+        start = time.perf_counter()
+        agent.env_buffer.sample_seq(agent.seq_len, agent.batch_size)
+        agent.env_buffer.sample(agent.batch_size)
+        sample_durations.append(time.perf_counter() - start)
+
+    deciles = statistics.quantiles(durations, n=10)
+    median = statistics.median(durations)
+    result = {
+        "implementation": "original (RajGhugare19/alm)",
+        "env": args.env,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "malloc_tuned": args.tune_malloc,
+        "batch_size": agent.batch_size,
+        "horizon": agent.seq_len,
+        "cpu": cpu_model(),
+        "ms_per_update_median": 1000 * median,
+        "ms_per_update_p10": 1000 * deciles[0],
+        "ms_per_update_p90": 1000 * deciles[-1],
+        "ms_per_update_mean": 1000 * statistics.fmean(durations),
+        "updates_per_s": 1 / median,
+        "ms_per_sample_median": 1000 * statistics.median(sample_durations),
+        "updates_timed": args.updates,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The speed benchmarks run end to end and report what the speed issue asks for (tiny sizes, seconds)."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RECIPE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import reference_update_speed  # noqa: E402
+import update_speed  # noqa: E402
+
+
+def test_update_speed_reports_the_required_fields(capsys):
+    result = update_speed.main([
+        "--updates", "3", "--warmup-updates", "1", "--collector-frames", "10", "--loop-frames", "10",
+        "--batch-size", "8", *TINY_RECIPE,
+    ])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == result
+    for key in ("updates_per_s", "ms_per_update_median", "device", "env", "torch", "threads", "compile",
+                "cudagraphs", "collector_random_frames_per_s", "collector_policy_frames_per_s",
+                "loop_frames_per_s", "bytes_per_transition"):
+        assert key in result, key
+    assert result["env"] == "HalfCheetah-v5" and result["device"] == "cpu"
+    assert result["compile"] is False and result["cudagraphs"] is False
+    assert result["ms_per_update_median"] > 0
+    assert result["updates_per_s"] == pytest.approx(1000 / result["ms_per_update_median"])
+    # obs and next obs (17 float32 each), action (6), reward; done, terminated (bool); the trajectory id and
+    # the "index" entry TorchRL's TensorDictReplayBuffer writes (int64).
+    assert result["bytes_per_transition"] == 4 * (17 + 17 + 6 + 1) + 1 + 1 + 8 + 8
+
+
+# A stand-in checkout of the original code with the imports the harness must satisfy: `wandb`, and
+# `utils.env` (which, in the original, imports old gym and mujoco-py).
+FAKE_AGENT = '''
+import numpy as np
+import wandb
+import utils
+
+
+class Memory:
+    def __init__(self):
+        self.pushed = 0
+
+    def push(self, transition):
+        self.pushed += 1
+
+    def sample_seq(self, seq_len, batch_size):
+        return np.zeros((seq_len, batch_size, 1))
+
+    def sample(self, batch_size):
+        return np.zeros((batch_size, 1))
+
+
+class AlmAgent:
+    def __init__(self, device, low, high, num_states, num_actions, **config):
+        self.batch_size, self.seq_len = config["batch_size"], config["seq_len"]
+        self.env_buffer = Memory()
+        self.stds = []
+
+    def update(self, step):
+        self.stds.append(utils.linear_schedule(1.0, 0.1, 100_000, step))
+'''
+
+
+def _fake_checkout(root: Path) -> Path:
+    (root / "agents").mkdir(parents=True)
+    (root / "agents" / "__init__.py").write_text("")
+    (root / "agents" / "alm.py").write_text(FAKE_AGENT)
+    (root / "utils").mkdir()
+    (root / "utils" / "__init__.py").write_text("from .env import linear_schedule, register_mbpo_environments\n")
+    (root / "utils" / "env.py").write_text("import gym_that_is_not_installed\n")
+    return root
+
+
+@pytest.fixture
+def isolated_imports(monkeypatch):
+    """Undo what the harness does to the import system: its sys.path entry and its stand-in modules."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_reference_harness_times_the_original_update(tmp_path, capsys, isolated_imports):
+    checkout = _fake_checkout(tmp_path / "alm")
+    result = reference_update_speed.main(
+        ["--reference-dir", str(checkout), "--updates", "4", "--warmup-updates", "1", "--explore-steps", "20"]
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["implementation"] == "original (RajGhugare19/alm)"
+    assert result["batch_size"] == 512 and result["horizon"] == 3
+    assert result["updates_timed"] == 4 and result["ms_per_update_median"] > 0
+    agent_module = sys.modules["agents.alm"]
+    # The stand-in schedule is the original's linear_schedule: 1.0 -> 0.1 over 100k steps.
+    assert sys.modules["utils"].linear_schedule(1.0, 0.1, 100_000, 50_000) == pytest.approx(0.55)
+    assert sys.modules["utils"].linear_schedule(1.0, 0.1, 100_000, 200_000) == pytest.approx(0.1)
+    assert agent_module.wandb.__name__ == "wandb"
+
+
+def test_reference_harness_rejects_a_directory_without_the_original(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        reference_update_speed.parse_args(["--reference-dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(tmp_path) in error and "agents/alm.py" in error
