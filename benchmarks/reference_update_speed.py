@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="apply this project's malloc tuning (configure_cpu_runtime) to the original too")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # p10 and p90 need two timings; the original's sequence sampler needs more stored steps than seq_len (3).
+    for name, least in (("updates", 2), ("warmup_updates", 0), ("explore_steps", 4)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     agent_file = args.reference_dir / "agents" / "alm.py"
     if not agent_file.is_file():
         parser.error(f"--reference-dir {args.reference_dir}: no agents/alm.py there; "

@@ -75,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more recipe config overrides, e.g. network.hidden_dim=256")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "updates", "warmup_updates"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, least in (("batch_size", 1), ("updates", 2), ("warmup_updates", 1)):  # 2: p10 and p90 need two
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     return args
 
 

@@ -109,3 +109,16 @@ def test_reference_harness_rejects_a_directory_without_the_original(tmp_path, ca
         reference_update_speed.parse_args(["--reference-dir", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(tmp_path) in error and "agents/alm.py" in error
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        (update_speed, ["--updates", "1"], "--updates must be >= 2, got 1"),
+        (reference_update_speed, ["--reference-dir", ".", "--explore-steps", "3"], "--explore-steps must be >= 4, got 3"),
+    ],
+)
+def test_benchmarks_reject_too_few_updates_or_steps(script, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
