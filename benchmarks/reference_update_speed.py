@@ -36,7 +36,7 @@ import torch
 from alm_torchrl.training import configure_cpu_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import cpu_model  # noqa: E402  (benchmarks/ is not a package)
+from update_speed import cpu_model, gflop_per_call  # noqa: E402  (benchmarks/ is not a package)
 
 # The original's cfgs/agent/alm.yaml (paper settings).
 ORIGINAL_AGENT_CONFIG = dict(
@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: one per core)")
     parser.add_argument("--tune-malloc", action="store_true",
                         help="apply this project's malloc tuning (configure_cpu_runtime) to the original too")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # p10 and p90 need two timings; the original's sequence sampler needs more stored steps than seq_len (3).
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_sample_median": 1000 * statistics.median(sample_durations),
         "updates_timed": args.updates,
     }
+    if args.count_flops:
+        next_step = args.warmup_updates + args.updates + 1
+        result["gflop_per_update"] = gflop_per_call(lambda: agent.update(next_step))
     print(json.dumps(result))
     return result
 

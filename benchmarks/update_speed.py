@@ -9,6 +9,7 @@ with the recipe's random warm-up, then reports, as one JSON line on stdout:
   ``collector_policy_frames_per_s`` (the behaviour policy on ``device``);
 - the whole recipe loop (collect ``frames_per_batch`` frames, store them, sample and update ``utd_ratio`` times per
   frame): ``loop_frames_per_s``;
+- with ``--count-flops``: ``gflop_per_update``, the work ``torch.profiler`` counts in one update;
 - memory: ``bytes_per_transition`` of the replay storage, ``buffer_capacity`` and the process's peak resident set
   ``max_rss_gib`` (with ``--fill-buffer``, after writing the whole buffer).
 
@@ -28,6 +29,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the recipe's malloc tuning (configure_cpu_runtime), to measure what it buys")
     parser.add_argument("--adam-foreach", action="store_true",
                         help="foreach Adam instead of the recipe's fused Adam, to measure what fused buys")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more recipe config overrides, e.g. network.hidden_dim=256")
     args = parser.parse_args(argv)
@@ -110,6 +114,14 @@ def cpu_model() -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def gflop_per_call(fn: Callable[[], object], calls: int = 3) -> float:
+    """The floating-point work of one call of ``fn``, as ``torch.profiler`` counts it (GEMMs and a few other ops)."""
+    with torch.profiler.profile(with_flops=True) as profile:
+        for _ in range(calls):
+            fn()
+    return sum(event.flops for event in profile.key_averages()) / calls / 1e9
 
 
 def storage_bytes_per_transition(replay_buffer) -> int:
@@ -221,6 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
         ms_per_sample_median=1000 * statistics.median(sample_durations),
         updates_timed=args.updates,
     )
+
+    if args.count_flops:
+        result["gflop_per_update"] = gflop_per_call(
+            lambda: update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+        )
 
     # The whole loop, as the recipe runs it after the warm-up: collect, store, then utd_ratio updates per frame.
     if args.loop_frames:

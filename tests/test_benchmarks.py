@@ -18,7 +18,7 @@ import update_speed  # noqa: E402
 def test_update_speed_reports_the_required_fields(capsys):
     result = update_speed.main([
         "--updates", "3", "--warmup-updates", "1", "--collector-frames", "10", "--loop-frames", "10",
-        "--batch-size", "8", *TINY_RECIPE,
+        "--batch-size", "8", "--count-flops", *TINY_RECIPE,
     ])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == result
@@ -30,6 +30,8 @@ def test_update_speed_reports_the_required_fields(capsys):
     assert result["compile"] is False and result["cudagraphs"] is False
     assert result["ms_per_update_median"] > 0
     assert result["updates_per_s"] == pytest.approx(1000 / result["ms_per_update_median"])
+    # Tiny networks (hidden 16, latent 4, batch 8): about 0.6 MFLOP per update, mostly GEMMs.
+    assert 1e-4 < result["gflop_per_update"] < 1e-2
     # obs and next obs (17 float32 each), action (6), reward; done, terminated (bool); the trajectory id and
     # the "index" entry TorchRL's TensorDictReplayBuffer writes (int64).
     assert result["bytes_per_transition"] == 4 * (17 + 17 + 6 + 1) + 1 + 1 + 8 + 8
