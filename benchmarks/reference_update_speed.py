@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import types
@@ -36,7 +35,7 @@ import torch
 from alm_torchrl.training import configure_cpu_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import cpu_model, gflop_per_call  # noqa: E402  (benchmarks/ is not a package)
+from update_speed import cpu_model, gflop_per_call, update_timings  # noqa: E402  (benchmarks/ is not a package)
 
 # The original's cfgs/agent/alm.yaml (paper settings).
 ORIGINAL_AGENT_CONFIG = dict(
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
         agent.env_buffer.sample(agent.batch_size)
         sample_durations.append(time.perf_counter() - start)
 
-    deciles = statistics.quantiles(durations, n=10)
-    median = statistics.median(durations)
     result = {
         "implementation": "original (RajGhugare19/alm)",
         "env": args.env,
@@ -164,13 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": agent.batch_size,
         "horizon": agent.seq_len,
         "cpu": cpu_model(),
-        "ms_per_update_median": 1000 * median,
-        "ms_per_update_p10": 1000 * deciles[0],
-        "ms_per_update_p90": 1000 * deciles[-1],
-        "ms_per_update_mean": 1000 * statistics.fmean(durations),
-        "updates_per_s": 1 / median,
-        "ms_per_sample_median": 1000 * statistics.median(sample_durations),
-        "updates_timed": args.updates,
+        **update_timings(durations, sample_durations),
     }
     if args.count_flops:
         next_step = args.warmup_updates + args.updates + 1

@@ -116,6 +116,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def update_timings(durations: list[float], sample_durations: list[float]) -> dict[str, float]:
+    """The reported statistics of per-update (and per-sample) wall times in seconds: at least two of each."""
+    deciles = statistics.quantiles(durations, n=10)
+    median = statistics.median(durations)
+    return {
+        "ms_per_update_median": 1000 * median,
+        "ms_per_update_p10": 1000 * deciles[0],
+        "ms_per_update_p90": 1000 * deciles[-1],
+        "ms_per_update_mean": 1000 * statistics.fmean(durations),
+        "updates_per_s": 1 / median,
+        "ms_per_sample_median": 1000 * statistics.median(sample_durations),
+        "updates_timed": len(durations),
+    }
+
+
 def gflop_per_call(fn: Callable[[], object], calls: int = 3) -> float:
     """The floating-point work of one call of ``fn``, as ``torch.profiler`` counts it (GEMMs and a few other ops)."""
     with torch.profiler.profile(with_flops=True) as profile:
@@ -222,17 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step >= args.warmup_updates:
             sample_durations.append(sampled - start)
             durations.append(time.perf_counter() - sampled)
-    deciles = statistics.quantiles(durations, n=10)
-    median = statistics.median(durations)
-    result.update(
-        ms_per_update_median=1000 * median,
-        ms_per_update_p10=1000 * deciles[0],
-        ms_per_update_p90=1000 * deciles[-1],
-        ms_per_update_mean=1000 * statistics.fmean(durations),
-        updates_per_s=1 / median,
-        ms_per_sample_median=1000 * statistics.median(sample_durations),
-        updates_timed=args.updates,
-    )
+    result.update(update_timings(durations, sample_durations))
 
     if args.count_flops:
         result["gflop_per_update"] = gflop_per_call(
