@@ -76,13 +76,21 @@ GROUP_LOSSES: dict[str, tuple[str, ...]] = {
 
 
 class NonFiniteGradientError(RuntimeError):
-    """Raised by the update when a parameter group's gradient norm is NaN or infinite; names the group and its losses."""
+    """Raised by the update when a parameter group's gradient norm is NaN or infinite; names the group and its losses.
 
-    def __init__(self, group: str, norm: float) -> None:
+    ``skipped_updates`` counts the updates since the last check whose optimizer step was skipped for it (0 when the
+    error was raised before stepping).
+    """
+
+    def __init__(self, group: str, norm: float, skipped_updates: int = 0) -> None:
         losses = " + ".join(GROUP_LOSSES.get(group, ()))
-        super().__init__(f"non-finite gradient norm ({norm}) from {losses or 'the losses'} in optimizer group {group!r}")
+        message = f"non-finite gradient norm ({norm}) from {losses or 'the losses'} in optimizer group {group!r}"
+        if skipped_updates:
+            message += f"; the optimizer step of {skipped_updates} update(s) since the last check was skipped"
+        super().__init__(message)
         self.group = group
         self.norm = norm
+        self.skipped_updates = skipped_updates
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,30 +235,60 @@ def make_update(
     compile: bool = False,
     compile_mode: str | None = None,
     cudagraphs: bool = False,
+    check_every: int = 1,
 ) -> Callable[[TensorDictBase], TensorDictBase]:
     """Return ``update(batch)``: one ALM gradient step on a ``[B, K]`` slice batch, returning detached metrics.
 
     All five losses are summed and back-propagated once (ALMLoss isolates each loss's gradient to its own group),
     each optimizer group's gradient norm is clipped to ``max_grad_norm`` as in the reference code, then one optimizer
-    step and the Polyak target update. A non-finite norm raises :class:`NonFiniteGradientError`, before the step
-    in eager and compiled mode, so the parameters stay finite. A CUDA graph cannot branch on a value, so with
-    ``cudagraphs`` the check comes after the replayed step; the run stops either way and the last checkpoint on disk
-    is untouched.
+    step and the Polyak target update.
+
+    A non-finite gradient norm raises :class:`NonFiniteGradientError` and never reaches the parameters. With a fused
+    optimizer (``make_optimizers`` builds one) the step of such an update is skipped on the device (fused Adam's
+    ``found_inf``, the protocol ``GradScaler`` uses), so the host need not read the norms before stepping: it reads
+    them every ``check_every`` updates, one sync each time, and the error comes at most ``check_every - 1`` updates
+    late (the finite updates in between are applied; the Polyak update runs on a skipped one, toward unchanged
+    parameters). On a GPU that lets the host queue several updates; on the CPU a sync is free. Any other optimizer is
+    checked before every step (``check_every`` must then be 1). A CUDA graph cannot branch on a value, so
+    ``cudagraphs`` needs the fused optimizer.
 
     ``compile`` wraps the loss and backward in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager
     warm-up call); ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be
     built with ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
     """
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every}: must be a number of updates >= 1")
+    skips_on_device = bool(optimizer.defaults.get("fused"))
+    if not skips_on_device and (cudagraphs or check_every > 1):
+        raise ValueError(
+            f"cudagraphs={cudagraphs}, check_every={check_every} need a fused optimizer (make_optimizers builds one), "
+            "which skips a non-finite step on the device; use cudagraphs=False, check_every=1 with this one"
+        )
     group_names = [group["name"] for group in optimizer.param_groups]
+    device = optimizer.param_groups[0]["params"][0].device
+    # Per group since the last check: how many updates had a non-finite norm, and the last such norm. Device tensors
+    # updated in place, so a CUDA graph replays the writes.
+    nonfinite_counts = torch.zeros(len(group_names), dtype=torch.int64, device=device)
+    nonfinite_norms = torch.zeros(len(group_names), device=device)
+    skip_step = torch.zeros((), device=device)
+    if skips_on_device:
+        optimizer.found_inf = skip_step  # read by fused Adam's step(); 1 skips it and undoes its step count
 
     def gradient_pass(batch: TensorDictBase) -> TensorDictBase:
         losses = loss(batch)
         total = sum(value for key, value in losses.items() if key.startswith("loss_"))
         total.backward()
         losses = losses.detach()
+        norms = []
         for group in optimizer.param_groups:
             norm = torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm, error_if_nonfinite=False)
             losses.set(f"grad_norm_{group['name']}", norm)
+            norms.append(norm)
+        norms = torch.stack(norms)
+        nonfinite = ~torch.isfinite(norms)
+        nonfinite_counts.add_(nonfinite)
+        nonfinite_norms.copy_(torch.where(nonfinite, norms, nonfinite_norms))
+        skip_step.copy_(nonfinite.any())
         return losses
 
     def parameter_pass() -> None:
@@ -258,12 +296,13 @@ def make_update(
         optimizer.zero_grad(set_to_none=True)
         target_updater.step()
 
-    def raise_if_nonfinite(metrics: TensorDictBase) -> None:
-        # One host sync per update for all groups, instead of one per group.
-        norms = torch.stack([metrics.get(f"grad_norm_{name}") for name in group_names])
-        if not torch.isfinite(norms).all():
-            bad = int((~torch.isfinite(norms)).nonzero()[0])
-            raise NonFiniteGradientError(group_names[bad], norms[bad].item())
+    def raise_if_nonfinite(skipped: bool) -> None:
+        if not nonfinite_counts.any():  # the one host sync of a check, for all groups
+            return
+        bad = int(nonfinite_counts.nonzero()[0])
+        count, norm = int(nonfinite_counts[bad]), nonfinite_norms[bad].item()
+        nonfinite_counts.zero_()
+        raise NonFiniteGradientError(group_names[bad], norm, skipped_updates=count if skipped else 0)
 
     if compile:
         gradient_pass = compile_with_warmup(gradient_pass, mode=compile_mode, warmup=1)
@@ -277,22 +316,25 @@ def make_update(
 
         graph_step = CudaGraphModule(full_step, in_keys=[], out_keys=[], warmup=5)
 
-        def update(batch: TensorDictBase) -> TensorDictBase:
-            torch.compiler.cudagraph_mark_step_begin()
-            metrics = graph_step(batch).clone()  # the graph's output buffers are overwritten by the next replay
-            raise_if_nonfinite(metrics)
-            return metrics
-
-        return update
+    num_updates = 0
 
     def update(batch: TensorDictBase) -> TensorDictBase:
-        metrics = gradient_pass(batch)
-        try:
-            raise_if_nonfinite(metrics)
-        except NonFiniteGradientError:
-            optimizer.zero_grad(set_to_none=True)
-            raise
-        parameter_pass()
+        nonlocal num_updates
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            metrics = graph_step(batch).clone()  # the graph's output buffers are overwritten by the next replay
+        else:
+            metrics = gradient_pass(batch)
+            if not skips_on_device:
+                try:
+                    raise_if_nonfinite(skipped=False)
+                except NonFiniteGradientError:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise
+            parameter_pass()
+        num_updates += 1
+        if skips_on_device and num_updates % check_every == 0:
+            raise_if_nonfinite(skipped=True)
         return metrics
 
     return update
@@ -405,6 +447,12 @@ def validate_config(cfg: Any) -> None:
         raise ValueError(
             f"collector.init_random_frames={cfg.collector.init_random_frames} cannot fill one slice of "
             f"loss.horizon={cfg.loss.horizon} before the first update; use at least {cfg.loss.horizon}"
+        )
+    updates_per_batch = cfg.collector.frames_per_batch * cfg.optim.utd_ratio
+    if cfg.collector.frames_per_batch < 1 or updates_per_batch < 1 or updates_per_batch != int(updates_per_batch):
+        raise ValueError(
+            f"collector.frames_per_batch={cfg.collector.frames_per_batch} x optim.utd_ratio={cfg.optim.utd_ratio} = "
+            f"{updates_per_batch} updates per collected batch; choose them so that this is a whole number >= 1"
         )
     buffer_size = cfg.replay_buffer.size
     if buffer_size is not None and buffer_size < cfg.optim.batch_size * cfg.loss.horizon:

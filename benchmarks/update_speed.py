@@ -4,7 +4,9 @@ Builds env, modules, loss, optimizer, update, replay buffer and collector with t
 (``recipes/alm/config.yaml``) and factories (``alm_torchrl.training``), fills the buffer from the real MuJoCo env
 with the recipe's random warm-up, then reports, as one JSON line on stdout:
 
-- the update: ``ms_per_update_median`` (and p10/p90/mean), ``updates_per_s`` (from the median);
+- the update: ``ms_per_update_median`` (and p10/p90/mean) and ``updates_per_s`` (from the median), each update
+  timed on its own; ``updates_per_s_back_to_back``: sampling and updating ``--updates`` times in a row with one device
+  sync at the end, as the recipe runs them (on a GPU the host then queues work ahead of the device);
 - the collector alone: ``collector_random_frames_per_s`` (warm-up, random actions) and
   ``collector_policy_frames_per_s`` (the behaviour policy on ``device``);
 - the whole recipe loop (collect ``frames_per_batch`` frames, store them, sample and update ``utd_ratio`` times per
@@ -74,14 +76,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the recipe's malloc tuning (configure_cpu_runtime), to measure what it buys")
     parser.add_argument("--adam-foreach", action="store_true",
                         help="foreach Adam instead of the recipe's fused Adam, to measure what fused buys")
+    parser.add_argument("--check-every", type=int, default=None,
+                        help="read the gradient norms on the host every N updates (default: the recipe's, once per "
+                             "collected batch; 1 measures a host sync per update)")
     parser.add_argument("--count-flops", action="store_true",
                         help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more recipe config overrides, e.g. network.hidden_dim=256")
     args = parser.parse_args(argv)
-    for name, least in (("batch_size", 1), ("updates", 2), ("warmup_updates", 1)):  # 2: p10 and p90 need two
-        if getattr(args, name) < least:
+    for name, least in (("batch_size", 1), ("updates", 2), ("warmup_updates", 1), ("check_every", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:  # updates: p10 and p90 need two
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if args.adam_foreach and (args.cudagraphs or (args.check_every or 1) > 1):
+        parser.error("--adam-foreach cannot skip a non-finite step on the device, so it is checked before every step: "
+                     "drop --cudagraphs and --check-every")
     return args
 
 
@@ -176,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.adam_foreach:
         groups = [{"params": group["params"], "name": group["name"]} for group in optimizer.param_groups]
         optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, foreach=True)
+    updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+    # The recipe checks the norms once per collected batch; a non-fused Adam can only be checked before every step.
+    check_every = args.check_every or (1 if args.adam_foreach else updates_per_batch)
     update = make_update(
         loss,
         optimizer,
@@ -184,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         compile=cfg.compile.compile,
         compile_mode=cfg.compile.compile_mode,
         cudagraphs=cfg.compile.cudagraphs,
+        check_every=check_every,
     )
     replay_buffer = make_recipe_replay_buffer(cfg, device)
     keys = [*loss.in_keys, TRAJ_KEY]
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "critics": "loop" if loss.deactivate_vmap else "vmap",
         "malloc_tuned": not args.default_malloc,
         "adam": "foreach" if args.adam_foreach else "fused",
+        "check_every": check_every,
         "batch_size": cfg.optim.batch_size,
         "horizon": cfg.loss.horizon,
         "cpu": cpu_model(),
@@ -238,6 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
             sample_durations.append(sampled - start)
             durations.append(time.perf_counter() - sampled)
     result.update(update_timings(durations, sample_durations))
+    start = time.perf_counter()
+    for _ in range(args.updates):
+        update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+    synchronize(device)
+    result["updates_per_s_back_to_back"] = args.updates / (time.perf_counter() - start)
 
     if args.count_flops:
         result["gflop_per_update"] = gflop_per_call(
@@ -246,7 +264,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The whole loop, as the recipe runs it after the warm-up: collect, store, then utd_ratio updates per frame.
     if args.loop_frames:
-        updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
         start, loop_frames = time.perf_counter(), 0
         while loop_frames < args.loop_frames:
             data = next(batches)

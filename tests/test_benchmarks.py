@@ -23,12 +23,14 @@ def test_update_speed_reports_the_required_fields(capsys):
     assert printed == result
     for key in ("updates_per_s", "ms_per_update_median", "device", "env", "torch", "threads", "compile",
                 "cudagraphs", "collector_random_frames_per_s", "collector_policy_frames_per_s",
-                "loop_frames_per_s", "bytes_per_transition"):
+                "loop_frames_per_s", "bytes_per_transition", "updates_per_s_back_to_back"):
         assert key in result, key
     assert result["env"] == "HalfCheetah-v5" and result["device"] == "cpu"
     assert result["compile"] is False and result["cudagraphs"] is False
     assert result["ms_per_update_median"] > 0
     assert result["updates_per_s"] == pytest.approx(1000 / result["ms_per_update_median"])
+    assert result["updates_per_s_back_to_back"] > 0
+    assert result["check_every"] == 10  # the recipe's: one host check per collected batch of 10 updates
     # Tiny networks (hidden 16, latent 4, batch 8): about 0.6 MFLOP per update, mostly GEMMs.
     assert 1e-4 < result["gflop_per_update"] < 1e-2
     # obs and next obs (17 float32 each), action (6), reward; done, terminated (bool); the trajectory id and

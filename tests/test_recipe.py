@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,7 @@ def _stored_transitions(state: dict) -> TensorDictBase:
         (["loss.horizon=60", "env.max_episode_steps=50"], "loss.horizon=60 is longer than any episode"),
         (["collector.init_random_frames=2", "loss.horizon=3"], "cannot fill one slice of loss.horizon=3"),
         (["replay_buffer.size=100", "optim.batch_size=512"], "replay_buffer.size=100 is smaller than one batch"),
+        (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
         (["checkpoint.resume=/nonexistent/ckpt"], "no checkpoint at '/nonexistent/ckpt/checkpoint.pt'"),
         pytest.param(["collector.device=cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
@@ -183,17 +185,82 @@ def test_optimizer_groups_cover_every_parameter_once():
         assert {p for loss in losses for p in LOSS_GROUPS[loss]} == set(OPTIMIZER_GROUPS[group])
 
 
-def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters_alone():
+def _nan_gradient_once(loss) -> list[bool]:
+    """Make the next backward's gradient of the first critic weight NaN; set ``armed[0] = True`` to do it again."""
+    armed = [True]
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if armed[0]:
+            armed[0] = False
+            return grad * float("nan")
+        return grad
+
+    next(iter(loss.qvalue_network_params.values(True, True))).register_hook(hook)
+    return armed
+
+
+def _snapshot(loss, optimizer) -> tuple[dict, list]:
+    params = {name: p.detach().clone() for name, p in loss.named_parameters()}
+    steps = [optimizer.state[p]["step"].clone() for group in optimizer.param_groups for p in group["params"]]
+    return params, steps
+
+
+def _assert_unchanged(loss, optimizer, snapshot) -> None:
+    params, steps = snapshot
+    assert all(torch.equal(params[name], p) for name, p in loss.named_parameters())
+    now = [optimizer.state[p]["step"] for group in optimizer.param_groups for p in group["params"]]
+    assert all(torch.equal(before, after) for before, after in zip(steps, now))
+
+
+@pytest.mark.parametrize("optimizer_kind", ["fused", "foreach", "cudagraph-wrapper"])
+def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters_alone(optimizer_kind):
+    loss = tiny_loss()
+    if optimizer_kind == "foreach":  # no on-device skip: checked before the step
+        groups = [{"params": g["params"], "name": g["name"]} for g in make_optimizers(loss, lr=1e-3).param_groups]
+        optimizer = torch.optim.Adam(groups, lr=1e-3, foreach=True)
+    else:
+        optimizer = make_optimizers(loss, lr=1e-3)
+    with warnings.catch_warnings():  # without CUDA, CudaGraphModule warns and runs eagerly (its plumbing is tested)
+        warnings.simplefilter("ignore", UserWarning)
+        update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005),
+                             cudagraphs=optimizer_kind == "cudagraph-wrapper")
+        metrics = update(slice_batch())
+        assert {"loss_model", "grad_norm_model", "grad_norm_actor"} <= set(metrics.keys())
+        before = _snapshot(loss, optimizer)
+        _nan_gradient_once(loss)
+        with pytest.raises(NonFiniteGradientError, match="from loss_qvalue in optimizer group 'qvalue'") as error:
+            update(slice_batch(seed=2))
+        _assert_unchanged(loss, optimizer, before)
+        assert error.value.skipped_updates == (0 if optimizer_kind == "foreach" else 1)
+        update(slice_batch(seed=3))  # a caller that catches the error can go on: the next finite update steps
+    assert all(not torch.equal(before[0][name], p) for name, p in loss.named_parameters())
+
+
+def test_update_checking_every_few_updates_skips_the_bad_step_and_raises_at_the_check():
     loss = tiny_loss()
     optimizer = make_optimizers(loss, lr=1e-3)
-    update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005))
-    metrics = update(slice_batch())
-    assert {"loss_model", "grad_norm_model", "grad_norm_actor"} <= set(metrics.keys())
-    before = {name: p.detach().clone() for name, p in loss.named_parameters()}
-    next(iter(loss.qvalue_network_params.values(True, True))).register_hook(lambda grad: grad * float("nan"))
-    with pytest.raises(NonFiniteGradientError, match="from loss_qvalue in optimizer group 'qvalue'"):
-        update(slice_batch(seed=2))
-    assert all(torch.equal(before[name], p) for name, p in loss.named_parameters())
+    update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005), check_every=3)
+    update(slice_batch())
+    before = _snapshot(loss, optimizer)
+    _nan_gradient_once(loss)
+    update(slice_batch(seed=2))  # non-finite: skipped on the device, no host check yet
+    _assert_unchanged(loss, optimizer, before)
+    with pytest.raises(NonFiniteGradientError, match="step of 1 update.* was skipped") as error:
+        update(slice_batch(seed=3))  # finite, applied; the third update checks
+    assert error.value.group == "qvalue" and error.value.skipped_updates == 1
+    assert all(not torch.equal(before[0][name], p) for name, p in loss.named_parameters())
+
+
+def test_update_refuses_what_it_cannot_check():
+    loss = tiny_loss()
+    groups = [{"params": g["params"], "name": g["name"]} for g in make_optimizers(loss, lr=1e-3).param_groups]
+    foreach = torch.optim.Adam(groups, lr=1e-3, foreach=True)
+    with pytest.raises(ValueError, match="check_every=0"):
+        make_update(loss, make_optimizers(loss, lr=1e-3), SoftUpdate(loss, tau=0.005), check_every=0)
+    with pytest.raises(ValueError, match="need a fused optimizer"):
+        make_update(loss, foreach, SoftUpdate(loss, tau=0.005), check_every=2)
+    with pytest.raises(ValueError, match="need a fused optimizer"):
+        make_update(loss, foreach, SoftUpdate(loss, tau=0.005), cudagraphs=True)
 
 
 def test_save_checkpoint_is_atomic(tmp_path):

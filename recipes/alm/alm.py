@@ -72,6 +72,7 @@ def main(cfg: DictConfig) -> None:
     loss = make_loss(cfg, modules, device)
     target_updater = SoftUpdate(loss, tau=cfg.loss.tau)
     optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
+    num_updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
     update = make_update(
         loss,
         optimizer,
@@ -80,6 +81,8 @@ def main(cfg: DictConfig) -> None:
         compile=cfg.compile.compile,
         compile_mode=cfg.compile.compile_mode,
         cudagraphs=cfg.compile.cudagraphs,
+        # One host sync per batch of updates, not per update: a non-finite step is skipped on the device meanwhile.
+        check_every=num_updates_per_batch,
     )
 
     replay_buffer = make_recipe_replay_buffer(cfg, device)
@@ -138,7 +141,6 @@ def main(cfg: DictConfig) -> None:
     metric_sums: TensorDict | None = None
     num_pending_updates = 0
     last_eval_return = float("nan")
-    num_updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
     collector_iter = iter(collector)
     for _ in range(len(collector)):
         with timeit("collect"):
@@ -165,7 +167,7 @@ def main(cfg: DictConfig) -> None:
                         update_metrics = update(batch)
                     except NonFiniteGradientError as err:
                         sys.exit(
-                            f"alm.py: {err} at frame {collected_frames} (update {num_updates}); "
+                            f"alm.py: {err}, found at frame {collected_frames} (update {num_updates}); "
                             f"the last good checkpoint is kept at {checkpoint_path.resolve()}"
                         )
                 metric_sums = update_metrics.clone() if metric_sums is None else metric_sums.add_(update_metrics)
