@@ -15,12 +15,15 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.objectives import SoftUpdate
 
+from alm_torchrl.envs import make_env
 from alm_torchrl.replay import make_replay_buffer
 from alm_torchrl.training import (
     GROUP_LOSSES,
     OPTIMIZER_GROUPS,
     NonFiniteGradientError,
     load_checkpoint,
+    make_collector,
+    make_modules,
     make_optimizers,
     make_update,
     restore_replay_buffer,
@@ -261,6 +264,22 @@ def test_update_refuses_what_it_cannot_check():
         make_update(loss, foreach, SoftUpdate(loss, tau=0.005), check_every=2)
     with pytest.raises(ValueError, match="need a fused optimizer"):
         make_update(loss, foreach, SoftUpdate(loss, tau=0.005), cudagraphs=True)
+
+
+def test_compile_also_compiles_the_behaviour_policy_of_the_collector():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, "env.name=Pendulum-v1", "compile.compile=true",
+                                                       "collector.init_random_frames=10", "collector.total_frames=40"])
+    env = make_env(cfg.env.name, seed=0, max_episode_steps=cfg.env.max_episode_steps)
+    modules = make_modules(cfg, env, torch.device("cpu"))
+    collector = make_collector(cfg, env, modules.policy, torch.device("cpu"))
+    assert collector.compiled_policy and not collector.cudagraphed_policy
+    batches = list(collector)  # 10 random frames, then 30 from the compiled policy
+    collector.shutdown()
+    assert len(batches) == 4 and all(batch["action"].abs().max() <= 2.0 for batch in batches)
+    assert batches[-1]["latent"].shape == (10, 4)  # the policy's own outputs reach the stored batch
 
 
 def test_save_checkpoint_is_atomic(tmp_path):
