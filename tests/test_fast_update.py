@@ -92,22 +92,24 @@ def test_fast_update_equals_sequential_update(deactivate_vmap, cudagraphs):
     assert all(moved), "every parameter of every group should have been updated"
 
 
-def test_compiled_update_equals_sequential_update(monkeypatch):
-    # Inductor draws random numbers its own way unless told to use eager's generator.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiled_update_equals_sequential_update():
     reference, optimizers, fast = _pair(deactivate_vmap=False)
     reference_targets = SoftUpdate(reference, tau=TAU)
     update = make_update(fast, make_optimizers(fast, LR), SoftUpdate(fast, tau=TAU), MAX_GRAD_NORM, compile=True)
-    for step in range(3):  # the first call runs eagerly (warm-up), the next ones compiled
-        batch = slice_batch(seed=10 + step)
-        torch.manual_seed(step)
-        sequential_update(reference, optimizers, reference_targets, batch)
-        torch.manual_seed(step)
-        update(batch)
-    _assert_same_state(reference, fast)
-    # The compiled pass flags a non-finite norm on the device as well: the step is skipped, then the update raises.
-    before = {name: p.detach().clone() for name, p in fast.named_parameters()}
-    next(iter(fast.qvalue_network_params.values(True, True))).register_hook(lambda grad: grad * float("nan"))
-    with pytest.raises(NonFiniteGradientError, match="optimizer group 'qvalue'"):
-        update(slice_batch(seed=20))
+    # Inductor draws random numbers its own way unless told to use eager's generator. torch's own patch, not
+    # pytest's monkeypatch, whose undo deletes the option and breaks every later compilation in the session.
+    with torch._inductor.config.patch(fallback_random=True):
+        for step in range(3):  # the first call runs eagerly (warm-up), the next ones compiled
+            batch = slice_batch(seed=10 + step)
+            torch.manual_seed(step)
+            sequential_update(reference, optimizers, reference_targets, batch)
+            torch.manual_seed(step)
+            update(batch)
+        _assert_same_state(reference, fast)
+        # The compiled pass flags a non-finite norm on the device as well: the step is skipped, then the update raises.
+        before = {name: p.detach().clone() for name, p in fast.named_parameters()}
+        next(iter(fast.qvalue_network_params.values(True, True))).register_hook(lambda grad: grad * float("nan"))
+        with pytest.raises(NonFiniteGradientError, match="optimizer group 'qvalue'"):
+            update(slice_batch(seed=20))
     assert all(torch.equal(before[name], p) for name, p in fast.named_parameters())
+    assert torch._inductor.config.fallback_random is False
