@@ -7,6 +7,7 @@ worth testing on its own (optimizer groups, the update step, evaluation, checkpo
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import random
 import sys
@@ -454,7 +455,8 @@ def validate_config(cfg: Any) -> None:
             f"loss.horizon={cfg.loss.horizon} before the first update; use at least {cfg.loss.horizon}"
         )
     updates_per_batch = cfg.collector.frames_per_batch * cfg.optim.utd_ratio
-    if cfg.collector.frames_per_batch < 1 or updates_per_batch < 1 or updates_per_batch != int(updates_per_batch):
+    whole = round(updates_per_batch)
+    if cfg.collector.frames_per_batch < 1 or whole < 1 or not math.isclose(updates_per_batch, whole):
         raise ValueError(
             f"collector.frames_per_batch={cfg.collector.frames_per_batch} x optim.utd_ratio={cfg.optim.utd_ratio} = "
             f"{updates_per_batch} updates per collected batch; choose them so that this is a whole number >= 1"

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.adam_foreach:
         groups = [{"params": group["params"], "name": group["name"]} for group in optimizer.param_groups]
         optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, foreach=True)
-    updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+    updates_per_batch = round(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
     # The recipe checks the norms once per collected batch; a non-fused Adam can only be checked before every step.
     check_every = args.check_every or (1 if args.adam_foreach else updates_per_batch)
     update = make_update(

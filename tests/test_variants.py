@@ -233,6 +233,11 @@ def test_bad_ablation_config_is_one_clear_error(override, message):
         validate_config(_config(override))
 
 
+@pytest.mark.parametrize("frames_per_batch, utd_ratio", [(30, 0.1), (100, 0.29), (10, 2)])
+def test_utd_ratios_whose_product_is_whole_up_to_float_rounding_are_accepted(frames_per_batch, utd_ratio):
+    validate_config(_config(f"collector.frames_per_batch={frames_per_batch}", f"optim.utd_ratio={utd_ratio}"))
+
+
 def test_recipe_runs_the_ablations_and_logs_the_lower_bound_bias(tmp_path):
     """One end-to-end run with every switch flipped, evaluating the lower-bound bias (Appendix E)."""
     run_dir = tmp_path / "run"

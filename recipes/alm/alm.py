@@ -72,7 +72,7 @@ def main(cfg: DictConfig) -> None:
     loss = make_loss(cfg, modules, device)
     target_updater = SoftUpdate(loss, tau=cfg.loss.tau)
     optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
-    num_updates_per_batch = int(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+    num_updates_per_batch = round(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
     update = make_update(
         loss,
         optimizer,
