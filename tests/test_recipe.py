@@ -188,8 +188,8 @@ def test_optimizer_groups_cover_every_parameter_once():
         assert {p for loss in losses for p in LOSS_GROUPS[loss]} == set(OPTIMIZER_GROUPS[group])
 
 
-def _nan_gradient_once(loss) -> list[bool]:
-    """Make the next backward's gradient of the first critic weight NaN; set ``armed[0] = True`` to do it again."""
+def _nan_gradient_once(loss) -> None:
+    """Make the next backward's gradient of the first critic weight NaN, and only that one."""
     armed = [True]
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -199,7 +199,12 @@ def _nan_gradient_once(loss) -> list[bool]:
         return grad
 
     next(iter(loss.qvalue_network_params.values(True, True))).register_hook(hook)
-    return armed
+
+
+def _foreach_adam(loss) -> torch.optim.Adam:
+    """The recipe's four named groups in a non-fused Adam, which cannot skip a step on the device."""
+    groups = [{"params": g["params"], "name": g["name"]} for g in make_optimizers(loss, lr=1e-3).param_groups]
+    return torch.optim.Adam(groups, lr=1e-3, foreach=True)
 
 
 def _snapshot(loss, optimizer) -> tuple[dict, list]:
@@ -218,11 +223,8 @@ def _assert_unchanged(loss, optimizer, snapshot) -> None:
 @pytest.mark.parametrize("optimizer_kind", ["fused", "foreach", "cudagraph-wrapper"])
 def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters_alone(optimizer_kind):
     loss = tiny_loss()
-    if optimizer_kind == "foreach":  # no on-device skip: checked before the step
-        groups = [{"params": g["params"], "name": g["name"]} for g in make_optimizers(loss, lr=1e-3).param_groups]
-        optimizer = torch.optim.Adam(groups, lr=1e-3, foreach=True)
-    else:
-        optimizer = make_optimizers(loss, lr=1e-3)
+    # foreach: no on-device skip, so the update checks before the step
+    optimizer = _foreach_adam(loss) if optimizer_kind == "foreach" else make_optimizers(loss, lr=1e-3)
     with warnings.catch_warnings():  # without CUDA, CudaGraphModule warns and runs eagerly (its plumbing is tested)
         warnings.simplefilter("ignore", UserWarning)
         update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005),
@@ -256,8 +258,7 @@ def test_update_checking_every_few_updates_skips_the_bad_step_and_raises_at_the_
 
 def test_update_refuses_what_it_cannot_check():
     loss = tiny_loss()
-    groups = [{"params": g["params"], "name": g["name"]} for g in make_optimizers(loss, lr=1e-3).param_groups]
-    foreach = torch.optim.Adam(groups, lr=1e-3, foreach=True)
+    foreach = _foreach_adam(loss)
     with pytest.raises(ValueError, match="check_every=0"):
         make_update(loss, make_optimizers(loss, lr=1e-3), SoftUpdate(loss, tau=0.005), check_every=0)
     with pytest.raises(ValueError, match="need a fused optimizer"):
