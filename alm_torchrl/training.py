@@ -53,6 +53,7 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "updates_per_batch",
     "validate_config",
 ]
 
@@ -182,6 +183,14 @@ def make_collector(
         compile_policy={"mode": cfg.compile.compile_mode, "warmup": 1} if cfg.compile.compile else False,
         cudagraph_policy={"warmup": 10} if cfg.compile.cudagraphs else False,
     )
+
+
+def updates_per_batch(cfg: Any) -> int:
+    """Updates after each collected batch: ``collector.frames_per_batch x optim.utd_ratio``, rounded.
+
+    ``validate_config`` refuses a product that is not a whole number.
+    """
+    return round(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
 
 
 def make_loss(cfg: Any, modules: ALMModules, device: torch.device) -> ALMLoss:
@@ -454,12 +463,11 @@ def validate_config(cfg: Any) -> None:
             f"collector.init_random_frames={cfg.collector.init_random_frames} cannot fill one slice of "
             f"loss.horizon={cfg.loss.horizon} before the first update; use at least {cfg.loss.horizon}"
         )
-    updates_per_batch = cfg.collector.frames_per_batch * cfg.optim.utd_ratio
-    whole = round(updates_per_batch)
-    if cfg.collector.frames_per_batch < 1 or whole < 1 or not math.isclose(updates_per_batch, whole):
+    product = cfg.collector.frames_per_batch * cfg.optim.utd_ratio
+    if cfg.collector.frames_per_batch < 1 or updates_per_batch(cfg) < 1 or not math.isclose(product, round(product)):
         raise ValueError(
             f"collector.frames_per_batch={cfg.collector.frames_per_batch} x optim.utd_ratio={cfg.optim.utd_ratio} = "
-            f"{updates_per_batch} updates per collected batch; choose them so that this is a whole number >= 1"
+            f"{product} updates per collected batch; choose them so that this is a whole number >= 1"
         )
     buffer_size = cfg.replay_buffer.size
     if buffer_size is not None and buffer_size < cfg.optim.batch_size * cfg.loss.horizon:

@@ -50,6 +50,7 @@ from alm_torchrl.training import (
     make_recipe_replay_buffer,
     make_update,
     resolve_device,
+    updates_per_batch,
     validate_config,
 )
 
@@ -184,9 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.adam_foreach:
         groups = [{"params": group["params"], "name": group["name"]} for group in optimizer.param_groups]
         optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, foreach=True)
-    updates_per_batch = round(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+    num_updates_per_batch = updates_per_batch(cfg)
     # The recipe checks the norms once per collected batch; a non-fused Adam can only be checked before every step.
-    check_every = args.check_every or (1 if args.adam_foreach else updates_per_batch)
+    check_every = args.check_every or (1 if args.adam_foreach else num_updates_per_batch)
     update = make_update(
         loss,
         optimizer,
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
             data = next(batches)
             replay_buffer.extend(data.reshape(-1).select(*keys))
             loop_frames += data.numel()
-            for _ in range(updates_per_batch):
+            for _ in range(num_updates_per_batch):
                 update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
         synchronize(device)
         result["loop_frames_per_s"] = loop_frames / (time.perf_counter() - start)

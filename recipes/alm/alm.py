@@ -42,6 +42,7 @@ from alm_torchrl.training import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    updates_per_batch,
     validate_config,
 )
 
@@ -72,7 +73,7 @@ def main(cfg: DictConfig) -> None:
     loss = make_loss(cfg, modules, device)
     target_updater = SoftUpdate(loss, tau=cfg.loss.tau)
     optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
-    num_updates_per_batch = round(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+    num_updates_per_batch = updates_per_batch(cfg)
     update = make_update(
         loss,
         optimizer,
