@@ -498,6 +498,13 @@ def validate_config(cfg: Any) -> None:
             f"loss.entropy_coef={cfg.loss.entropy_coef} (ALM-ENT) needs an actor that learns its std: "
             "add network.actor_std=learned"
         )
+    for key, value in (
+        ("logger.eval_iter", cfg.logger.eval_iter),
+        ("logger.num_eval_episodes", cfg.logger.num_eval_episodes),
+        ("checkpoint.interval", cfg.checkpoint.interval),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
     num_threads = cfg.compile.num_threads
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"compile.num_threads must be a positive integer or null (one per core), got {num_threads!r}")

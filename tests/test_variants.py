@@ -233,6 +233,13 @@ def test_bad_ablation_config_is_one_clear_error(override, message):
         validate_config(_config(override))
 
 
+@pytest.mark.parametrize("override", ["logger.eval_iter=0", "logger.num_eval_episodes=0", "checkpoint.interval=-5"])
+def test_intervals_and_eval_episodes_must_be_positive(override):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=f"^{key} must be a positive integer, got {value}$"):
+        validate_config(_config(override))
+
+
 @pytest.mark.parametrize("frames_per_batch, utd_ratio", [(30, 0.1), (100, 0.29), (10, 2)])
 def test_utd_ratios_whose_product_is_whole_up_to_float_rounding_are_accepted(frames_per_batch, utd_ratio):
     validate_config(_config(f"collector.frames_per_batch={frames_per_batch}", f"optim.utd_ratio={utd_ratio}"))
