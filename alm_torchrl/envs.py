@@ -1,6 +1,7 @@
 """Environment factory for ALM: gymnasium tasks (and the paper's truncated-observation variants) as TorchRL envs.
 
-Every env is a ``GymEnv`` wrapped in the SOTA-script transform stack
+Every env is a ``GymEnv`` (or, with ``num_envs > 1``, a ``GymWrapper`` around copies of the task stepped together, so
+that evaluation runs its episodes side by side) wrapped in the SOTA-script transform stack
 ``Compose(InitTracker(), StepCounter(max_episode_steps), DoubleToFloat(), RewardSum())``. gymnasium's own
 ``TimeLimit`` is disabled so that ``StepCounter`` alone decides when an episode is cut: a time limit then shows up as
 ``("next", "truncated")=True`` with ``("next", "terminated")=False``, which is what lets the TD target bootstrap through
@@ -10,16 +11,20 @@ it and lets the slice sampler keep sequences inside one episode.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import gymnasium
 import torch
+from tensordict import TensorDictBase
 from torchrl.envs import (
     Compose,
     DoubleToFloat,
+    EnvBase,
     GymEnv,
+    GymWrapper,
     InitTracker,
     RewardSum,
     StepCounter,
@@ -34,6 +39,7 @@ __all__ = [
     "check_env_name",
     "make_env",
     "replay_buffer_size_for",
+    "rollout_episodes",
 ]
 
 DEFAULT_MAX_EPISODE_STEPS = 1000
@@ -101,6 +107,7 @@ def make_env(
     max_episode_steps: int | None = None,
     from_preset: bool = True,
     make_kwargs: Mapping[str, Any] | None = None,
+    num_envs: int = 1,
 ) -> TransformedEnv:
     """Build ``env_name`` (a preset name or any gymnasium id) as a seeded, float32 TorchRL env.
 
@@ -112,8 +119,13 @@ def make_env(
             value, or 1000 for a plain gymnasium id.
         from_preset: if False, ``env_name`` is always read as a gymnasium id and preset kwargs are ignored.
         make_kwargs: extra ``gymnasium.make`` kwargs, applied over the preset's.
+        num_envs: copies of the task in one env of batch size ``[num_envs]``, stepped one after the other in this
+            process (a gymnasium ``SyncVectorEnv``); 1 (the default) gives an unbatched env. Seeded with ``seed``,
+            copy ``i`` gets ``seed + i``. :func:`rollout_episodes` runs one episode in each copy.
     """
     check_env_name(env_name, allow_presets=from_preset)
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     make_kwargs = dict(make_kwargs or {})
     if "max_episode_steps" in make_kwargs:
         raise ValueError("make_kwargs must not set max_episode_steps; pass make_env(max_episode_steps=...) instead")
@@ -128,11 +140,43 @@ def make_env(
         raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
 
     # max_episode_steps=-1 tells gymnasium.make not to add TimeLimit: StepCounter is the only time limit.
-    base_env = GymEnv(gym_id, device=device, max_episode_steps=-1, **make_kwargs)
+    if num_envs == 1:
+        base_env = GymEnv(gym_id, device=device, max_episode_steps=-1, **make_kwargs)
+    else:
+        # Not GymEnv(num_envs=n): that steps the copies in n subprocesses, which cost more than MuJoCo's step on a
+        # small CPU. SAME_STEP autoreset, because TorchRL's partial steps (rollout(break_when_all_done=True)) keep
+        # stepping a finished copy, its data masked, until the others finish; DISABLED refuses to step it.
+        vector_env = gymnasium.vector.SyncVectorEnv(
+            [partial(gymnasium.make, gym_id, max_episode_steps=-1, **make_kwargs)] * num_envs,
+            autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP,
+        )
+        base_env = GymWrapper(vector_env, device=device)
     env = TransformedEnv(
         base_env,
         Compose(InitTracker(), StepCounter(max_episode_steps), DoubleToFloat(), RewardSum()),
+        auto_unwrap=True,  # a vector env comes wrapped in TorchRL's VecGymEnvTransform: ours go after it, in one env
     )
     if seed is not None:
         env.set_seed(seed)
     return env
+
+
+def rollout_episodes(env: EnvBase, policy: Callable, max_steps: int) -> list[TensorDictBase]:
+    """One episode of ``policy`` in each copy of ``env`` (one for an unbatched env), each at most ``max_steps`` long.
+
+    Returns the episodes as tensordicts of shape ``[T_i]``, in the order of the env's copies. A batched env
+    (:func:`make_env` with ``num_envs > 1``) runs its copies side by side until the last one is done; a copy that
+    finished earlier repeats its last step meanwhile (TorchRL's partial steps), which is cut off here.
+    """
+    batched = len(env.batch_size) > 0
+    rollout = env.rollout(
+        max_steps,
+        policy,
+        auto_cast_to_device=True,
+        break_when_any_done=not batched,
+        break_when_all_done=batched,
+    )
+    rollout = rollout.reshape(-1, rollout.shape[-1])
+    done = rollout.get(("next", "done")).reshape(rollout.shape)
+    lengths = torch.where(done.any(-1), done.int().argmax(-1) + 1, rollout.shape[-1])
+    return [episode[:length] for episode, length in zip(rollout.unbind(0), lengths.tolist())]

@@ -39,6 +39,8 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.value.functional import reward2go
 
+from alm_torchrl.envs import rollout_episodes
+
 __all__ = [
     "DEFAULT_HORIZON",
     "DEFAULT_NUM_STATES",
@@ -189,8 +191,9 @@ def lower_bound_bias(
     ``a_0``.
 
     Args:
-        env: an unbatched env (e.g. :func:`alm_torchrl.envs.make_env`) writing the loss's observation, action and
-            ``("next", reward)`` keys.
+        env: an env from :func:`alm_torchrl.envs.make_env` (or any env writing the loss's observation, action and
+            ``("next", reward)`` keys); a batched one runs its copies' episodes side by side
+            (:func:`alm_torchrl.envs.rollout_episodes`).
         loss: the :class:`~alm_torchrl.objectives.ALMLoss` whose networks give the bound; ``gamma`` is its
             ``value_estimator.gamma`` for both the bound and the returns.
         eval_policy: the mean-action policy (``modules.eval_policy``), acting with the same networks.
@@ -216,14 +219,12 @@ def lower_bound_bias(
     device = next(loss.parameters()).device
     lower_bounds, mc_returns = [], []
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        for _ in range(num_episodes):
-            rollout = env.rollout(max_steps, eval_policy, auto_cast_to_device=True, break_when_any_done=True)
-            if rollout.batch_dims != 1:
-                raise ValueError(
-                    f"lower_bound_bias needs an unbatched env (rollout of shape [T]), got {list(rollout.batch_size)}"
-                )
-            mc_returns.append(discounted_returns(rollout.get(("next", keys.reward)), gamma)[:num_states].cpu())
-            states = rollout[:num_states]
+        episodes = []
+        while len(episodes) < num_episodes:
+            episodes += rollout_episodes(env, eval_policy, max_steps)
+        for episode in episodes[:num_episodes]:
+            mc_returns.append(discounted_returns(episode.get(("next", keys.reward)), gamma)[:num_states].cpu())
+            states = episode[:num_states]
             lower_bounds.append(
                 lower_bound_estimate(
                     loss,

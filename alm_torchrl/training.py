@@ -28,7 +28,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl._utils import compile_with_warmup
 from torchrl.objectives import LossModule, SoftUpdate
 
-from alm_torchrl.envs import check_env_name, replay_buffer_size_for
+from alm_torchrl.envs import check_env_name, replay_buffer_size_for, rollout_episodes
 from alm_torchrl.modules import ALMModules, make_alm_modules
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer
@@ -356,14 +356,18 @@ def make_update(
 
 
 def evaluate(env: EnvBase, eval_policy: Callable, num_episodes: int, max_steps: int) -> dict[str, float]:
-    """Mean return and length of ``num_episodes`` episodes of the deterministic (mean-action) policy."""
-    returns, lengths = [], []
+    """Mean return and length of ``num_episodes`` episodes of the deterministic (mean-action) policy.
+
+    A batched ``env`` (``make_env(num_envs=n)``) runs ``n`` of the episodes side by side, one policy call per step
+    for all of them; ``num_episodes = n`` is one rollout.
+    """
+    episodes = []
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        for _ in range(num_episodes):
-            rollout = env.rollout(max_steps, eval_policy, auto_cast_to_device=True, break_when_any_done=True)
-            returns.append(rollout["next", "reward"].sum().item())
-            lengths.append(rollout.numel())
-    return {"return_mean": float(np.mean(returns)), "length_mean": float(np.mean(lengths))}
+        while len(episodes) < num_episodes:
+            episodes += rollout_episodes(env, eval_policy, max_steps)
+    episodes = episodes[:num_episodes]
+    returns = [episode["next", "reward"].sum().item() for episode in episodes]
+    return {"return_mean": float(np.mean(returns)), "length_mean": float(np.mean([len(e) for e in episodes]))}
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:

@@ -11,6 +11,9 @@ with the recipe's random warm-up, then reports, as one JSON line on stdout:
   ``collector_policy_frames_per_s`` (the behaviour policy on ``device``);
 - the whole recipe loop (collect ``frames_per_batch`` frames, store them, sample and update ``utd_ratio`` times per
   frame): ``loop_frames_per_s``;
+- evaluation, as the recipe runs it (``logger.num_eval_episodes`` mean-action episodes side by side): ``eval_s`` for
+  one, with ``eval_episode_length_mean``; and the whole recipe with it, ``end_to_end_frames_per_s``: the loop's time
+  per frame plus one evaluation every ``logger.eval_iter`` frames;
 - with ``--count-flops``: ``gflop_per_update``, the work ``torch.profiler`` counts in one update;
 - memory: ``bytes_per_transition`` of the replay storage, ``buffer_capacity`` and the process's peak resident set
   ``max_rss_gib`` (with ``--fill-buffer``, after writing the whole buffer).
@@ -20,6 +23,7 @@ Examples::
     python benchmarks/update_speed.py                                   # HalfCheetah-v5, paper settings, CPU
     python benchmarks/update_speed.py --env Humanoid-v5 --fill-buffer   # + a full 1e6-transition buffer
     python benchmarks/update_speed.py --device cuda --compile --cudagraphs --loop-frames 2000
+    python benchmarks/update_speed.py --updates 2 --loop-frames 0 --serial-eval  # evaluation before batching
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from alm_torchrl.envs import make_env
 from alm_torchrl.replay import TRAJ_KEY, sample_slices
 from alm_torchrl.training import (
     configure_cpu_runtime,
+    evaluate,
     make_collector,
     make_loss,
     make_modules,
@@ -71,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--collector-frames", type=int, default=500, help="frames to time the behaviour policy on")
     parser.add_argument("--loop-frames", type=int, default=100, help="frames of the whole loop to time (0: skip)")
     parser.add_argument("--fill-buffer", action="store_true", help="write the whole replay buffer before timing")
+    parser.add_argument("--evaluations", type=int, default=1, help="evaluations to time, median reported (0: skip)")
+    parser.add_argument("--serial-eval", action="store_true",
+                        help="evaluate in one env, one episode after the other, to measure what batching them buys")
     parser.add_argument("--critics", choices=["auto", "vmap", "loop"], default="auto",
                         help="how the loss runs its critics (auto: the recipe's choice)")
     parser.add_argument("--default-malloc", action="store_true",
@@ -85,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more recipe config overrides, e.g. network.hidden_dim=256")
     args = parser.parse_args(argv)
-    for name, least in (("batch_size", 1), ("updates", 2), ("warmup_updates", 1), ("check_every", 1)):
+    for name, least in (("batch_size", 1), ("updates", 2), ("warmup_updates", 1), ("check_every", 1),
+                        ("evaluations", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:  # updates: p10 and p90 need two
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if args.adam_foreach and (args.cudagraphs or (args.check_every or 1) > 1):
@@ -278,6 +287,26 @@ def main(argv: list[str] | None = None) -> dict:
         synchronize(device)
         result["loop_frames_per_s"] = loop_frames / (time.perf_counter() - start)
     collector.shutdown()
+
+    if args.evaluations:
+        num_episodes = cfg.logger.num_eval_episodes
+        eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps,
+                            num_envs=1 if args.serial_eval else num_episodes)
+        durations = []
+        for _ in range(args.evaluations):
+            start = time.perf_counter()
+            evaluation = evaluate(eval_env, modules.eval_policy, num_episodes, cfg.env.max_episode_steps)
+            durations.append(time.perf_counter() - start)
+        eval_env.close()
+        result.update({
+            "eval_s": statistics.median(durations),
+            "eval_episodes": num_episodes,
+            "eval_episode_length_mean": evaluation["length_mean"],  # an untrained policy's: short where envs terminate
+            "eval_side_by_side": not args.serial_eval,
+        })
+        if "loop_frames_per_s" in result:
+            seconds_per_frame = 1 / result["loop_frames_per_s"] + result["eval_s"] / cfg.logger.eval_iter
+            result["end_to_end_frames_per_s"] = 1 / seconds_per_frame
 
     result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result))

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
 from torchrl.data import Bounded, Unbounded
 
 from alm_torchrl import make_alm_modules
@@ -84,3 +85,11 @@ def slice_batch(batch_size: int = 8, horizon: int = 3, seed: int = 1, terminal_e
 
 def total_loss(losses: TensorDict) -> torch.Tensor:
     return sum(value for key, value in losses.items() if key.startswith("loss_"))
+
+
+def fixed_policy(env) -> TensorDictModule:
+    """A deterministic policy that differs from state to state, so that Hopper's episodes end at different steps."""
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    act_dim = env.action_spec.shape[-1]
+    weight = torch.randn(obs_dim, act_dim, generator=torch.Generator().manual_seed(0))
+    return TensorDictModule(lambda obs: torch.tanh(obs @ weight), in_keys=["observation"], out_keys=["action"])

@@ -23,7 +23,8 @@ def test_update_speed_reports_the_required_fields(capsys):
     assert printed == result
     for key in ("updates_per_s", "ms_per_update_median", "device", "env", "torch", "threads", "compile",
                 "cudagraphs", "collector_random_frames_per_s", "collector_policy_frames_per_s",
-                "loop_frames_per_s", "bytes_per_transition", "updates_per_s_back_to_back"):
+                "loop_frames_per_s", "bytes_per_transition", "updates_per_s_back_to_back", "eval_s",
+                "end_to_end_frames_per_s"):
         assert key in result, key
     assert result["env"] == "HalfCheetah-v5" and result["device"] == "cpu"
     assert result["compile"] is False and result["cudagraphs"] is False
@@ -31,6 +32,11 @@ def test_update_speed_reports_the_required_fields(capsys):
     assert result["updates_per_s"] == pytest.approx(1000 / result["ms_per_update_median"])
     assert result["updates_per_s_back_to_back"] > 0
     assert result["check_every"] == 10  # the recipe's: one host check per collected batch of 10 updates
+    # HalfCheetah never terminates: the evaluation episode runs to TINY_RECIPE's 50-step limit.
+    assert (result["eval_episodes"], result["eval_episode_length_mean"]) == (1, 50)
+    # The loop's time per frame plus one evaluation every logger.eval_iter (the recipe's 5000) frames.
+    assert 1 / result["end_to_end_frames_per_s"] == pytest.approx(
+        1 / result["loop_frames_per_s"] + result["eval_s"] / 5000)
     # Tiny networks (hidden 16, latent 4, batch 8): about 0.6 MFLOP per update, mostly GEMMs.
     assert 1e-4 < result["gflop_per_update"] < 1e-2
     # obs and next obs (17 float32 each), action (6), reward; done, terminated (bool); the trajectory id and

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alm_torchrl.envs import ENV_PRESETS, check_env_name, make_env, replay_buffer_size_for
+from alm_torchrl.envs import ENV_PRESETS, check_env_name, make_env, replay_buffer_size_for, rollout_episodes
+
+from conftest import fixed_policy
 
 EXPECTED_KEYS = [
     "observation",
@@ -83,3 +85,30 @@ def test_replay_buffer_sizes() -> None:
     assert replay_buffer_size_for("HalfCheetah-v5") == 100_000
     assert replay_buffer_size_for("Pendulum-v1") == 100_000
     assert all(preset.max_episode_steps == 1000 for preset in ENV_PRESETS.values())
+
+
+def test_batched_env_runs_the_episodes_of_separately_seeded_envs() -> None:
+    batched = make_env("Hopper-v5", seed=7, num_envs=3, max_episode_steps=200)
+    assert batched.batch_size == (3,)
+    policy = fixed_policy(batched)
+    episodes = rollout_episodes(batched, policy, max_steps=200)
+    alone = [rollout_episodes(make_env("Hopper-v5", seed=7 + i, max_episode_steps=200), policy, 200)[0]
+             for i in range(3)]
+    lengths = [len(episode) for episode in episodes]
+    # Copies that finish early repeat their last step until the last one is done: those steps must be cut off.
+    assert len(set(lengths)) > 1 and lengths == [len(episode) for episode in alone]
+    for side_by_side, single in zip(episodes, alone):
+        assert side_by_side["next", "done"][-1].item() and not side_by_side["next", "done"][:-1].any()
+        torch.testing.assert_close(side_by_side["observation"], single["observation"])
+        torch.testing.assert_close(side_by_side["next", "reward"], single["next", "reward"])
+
+
+def test_rollout_episodes_of_an_unbatched_env_stops_at_the_time_limit() -> None:
+    env = make_env("Pendulum-v1", seed=0, max_episode_steps=20)
+    (episode,) = rollout_episodes(env, fixed_policy(env), max_steps=50)
+    assert len(episode) == 20 and episode["next", "truncated"][-1].item()
+
+
+def test_num_envs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
+        make_env("Pendulum-v1", num_envs=0)

@@ -166,6 +166,22 @@ def test_bias_on_pendulum_is_finite(pendulum):
     assert short["num_states"] == 30
 
 
+def test_bias_of_a_batched_env_pools_the_episodes_of_its_copies(pendulum):
+    _, modules, loss = pendulum
+    settings = {"horizon": 3, "max_steps": 40, "num_states": 25}
+    batched_env = make_env("Pendulum-v1", seed=5, num_envs=2, max_episode_steps=40)
+    batched = lower_bound_bias(batched_env, loss, modules.eval_policy, num_episodes=2, **settings)
+    singles = [
+        lower_bound_bias(make_env("Pendulum-v1", seed=5 + i, max_episode_steps=40), loss, modules.eval_policy,
+                         num_episodes=1, **settings)
+        for i in range(2)
+    ]
+    assert batched["num_states"] == 50
+    assert singles[0]["mc_return_mean"] != pytest.approx(singles[1]["mc_return_mean"])
+    for key in ("lower_bound_mean", "mc_return_mean"):
+        assert batched[key] == pytest.approx((singles[0][key] + singles[1][key]) / 2, rel=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:No target network updater")
 def test_bias_uses_the_recorded_states_actions_and_whole_episode_returns(pendulum):
     env, modules, loss = pendulum

@@ -15,12 +15,13 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.objectives import SoftUpdate
 
-from alm_torchrl.envs import make_env
+from alm_torchrl.envs import make_env, rollout_episodes
 from alm_torchrl.replay import make_replay_buffer
 from alm_torchrl.training import (
     GROUP_LOSSES,
     OPTIMIZER_GROUPS,
     NonFiniteGradientError,
+    evaluate,
     load_checkpoint,
     make_collector,
     make_modules,
@@ -30,11 +31,13 @@ from alm_torchrl.training import (
     save_checkpoint,
 )
 
-from conftest import LOSS_GROUPS, TINY_RECIPE as TINY, slice_batch, tiny_loss
+from conftest import LOSS_GROUPS, TINY_RECIPE as TINY, fixed_policy, slice_batch, tiny_loss
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "alm" / "alm.py"
-SMOKE = [*TINY, "collector.total_frames=300", "logger.eval_iter=150", "checkpoint.interval=150"]
+# Two evaluation episodes, so that the recipe evaluates with a batched env (one copy per episode).
+SMOKE = [*(override for override in TINY if not override.startswith("logger.num_eval_episodes")),
+         "logger.num_eval_episodes=2", "collector.total_frames=300", "logger.eval_iter=150", "checkpoint.interval=150"]
 # One intra-op thread per recipe process: the 2-core box stalls on oversubscription.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
 
@@ -156,6 +159,24 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, overrides, message):
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
     assert time.monotonic() - start < 30
+
+
+def test_evaluate_takes_the_first_num_episodes_of_side_by_side_rollouts():
+    def episodes_of(num_envs: int, num_episodes: int) -> dict[str, float]:
+        env = make_env("Hopper-v5", seed=7, num_envs=num_envs, max_episode_steps=200)
+        return evaluate(env, fixed_policy(env), num_episodes, max_steps=200)
+
+    env = make_env("Hopper-v5", seed=7, num_envs=2, max_episode_steps=200)
+    policy = fixed_policy(env)
+    expected = [*rollout_episodes(env, policy, 200), *rollout_episodes(env, policy, 200)][:3]
+    result = episodes_of(num_envs=2, num_episodes=3)  # two rollouts of two episodes, the fourth one unused
+    assert result["length_mean"] == pytest.approx(sum(len(episode) for episode in expected) / 3)
+    assert result["return_mean"] == pytest.approx(sum(e["next", "reward"].sum().item() for e in expected) / 3)
+    assert len({len(episode) for episode in expected}) > 1  # the episodes differ, so taking the wrong ones shows
+    # One copy per episode gives the same episodes as single envs seeded 7, 8 and 9.
+    singles = [make_env("Hopper-v5", seed=7 + i, max_episode_steps=200) for i in range(3)]
+    single_returns = [evaluate(env, fixed_policy(env), 1, max_steps=200)["return_mean"] for env in singles]
+    assert episodes_of(num_envs=3, num_episodes=3)["return_mean"] == pytest.approx(sum(single_returns) / 3)
 
 
 def test_resume_from_another_env_fails(smoke_runs, tmp_path):

@@ -66,7 +66,9 @@ def main(cfg: DictConfig) -> None:
 
     # Environments: the env steps on the CPU (MuJoCo); the policy and learner run on `device`.
     env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
-    eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps)
+    # The evaluation episodes run side by side: one policy call per step for all of them.
+    eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps,
+                        num_envs=cfg.logger.num_eval_episodes)
 
     # Networks, loss, optimizers and the update step.
     modules = make_modules(cfg, env, device)
