@@ -1,9 +1,11 @@
-"""Resident memory of a full Humanoid-sized replay buffer: filling it, checkpointing it, restoring it.
+"""Resident memory of a Humanoid run with its full 1e6-transition replay buffer: checkpointing it, resuming it.
 
-Run twice, as the recipe would: ``save`` fills a 1e6-transition buffer with Humanoid-v5-shaped transitions
-(obs 348, action 17; the keys the recipe stores) and writes a checkpoint like the recipe's; ``restore`` is a fresh
-process that loads that checkpoint memory-mapped and restores the buffer, as ``checkpoint.resume`` does. Each prints
-one JSON line with the process's peak resident set and, at the end, its anonymous and file-backed parts.
+Run twice, as a resumed run would: ``save`` builds the recipe's modules, loss, optimizer and buffer for Humanoid-v5
+at the paper's settings, fills the whole buffer with Humanoid-shaped transitions (obs 348, action 17; the keys the
+recipe stores), runs a few updates and writes the recipe's checkpoint; ``restore`` is a fresh process that resumes
+from it as ``checkpoint.resume`` does (:func:`alm_torchrl.training.resume_training`: the checkpoint memory-mapped,
+the buffer copied out of it) and then trains. Each prints one JSON line with the seconds it took to fill (save) or
+to resume (restore), the process's peak resident set and, at the end, its anonymous and file-backed parts.
 
     python benchmarks/replay_memory.py save /tmp/alm_ckpt && python benchmarks/replay_memory.py restore /tmp/alm_ckpt
 """
@@ -17,12 +19,27 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
+from torchrl.objectives import SoftUpdate
 
-from alm_torchrl.replay import TRAJ_KEY, make_replay_buffer
-from alm_torchrl.training import configure_cpu_runtime, load_checkpoint, restore_replay_buffer, save_checkpoint
+from alm_torchrl.envs import make_env
+from alm_torchrl.replay import TRAJ_KEY, sample_slices
+from alm_torchrl.training import (
+    CHECKPOINT_FILENAME,
+    checkpoint_state,
+    configure_cpu_runtime,
+    make_loss,
+    make_modules,
+    make_optimizers,
+    make_recipe_replay_buffer,
+    make_update,
+    resume_training,
+    save_checkpoint,
+)
 
-CAPACITY, OBS_DIM, ACTION_DIM, EPISODE = 1_000_000, 348, 17, 1000
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "alm"
+ENV_NAME, EPISODE, UPDATES = "Humanoid-v5", 1000, 3
 
 
 def memory_gib() -> dict[str, float]:
@@ -35,39 +52,60 @@ def memory_gib() -> dict[str, float]:
     }
 
 
+def fill(replay_buffer, obs_dim: int, action_dim: int) -> None:
+    episode = TensorDict(
+        {
+            "observation": torch.randn(EPISODE, obs_dim),
+            "action": torch.rand(EPISODE, action_dim) * 2 - 1,
+            "next": {
+                "observation": torch.randn(EPISODE, obs_dim),
+                "reward": torch.randn(EPISODE, 1),
+                "done": torch.zeros(EPISODE, 1, dtype=torch.bool),
+                "terminated": torch.zeros(EPISODE, 1, dtype=torch.bool),
+            },
+            TRAJ_KEY: torch.zeros(EPISODE, dtype=torch.long),
+        },
+        batch_size=[EPISODE],
+    )
+    for index in range(replay_buffer.storage.max_size // EPISODE):
+        episode.get(TRAJ_KEY).fill_(index)
+        replay_buffer.extend(episode)
+
+
 def main(mode: str, directory: str) -> None:
-    configure_cpu_runtime()
-    buffer = make_replay_buffer(size=CAPACITY, batch_size=512, slice_len=3)
+    if mode not in ("save", "restore"):
+        sys.exit(f"replay_memory.py: mode must be 'save' or 'restore', got {mode!r}")
+    with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"env.name={ENV_NAME}", "collector.device=cpu"])
+    configure_cpu_runtime(cfg.compile.num_threads)
+    device = torch.device("cpu")
+    env = make_env(cfg.env.name)
+    modules = make_modules(cfg, env, device)
+    loss = make_loss(cfg, modules, device)
+    optimizer = make_optimizers(loss, cfg.optim.lr)
+    update = make_update(loss, optimizer, SoftUpdate(loss, tau=cfg.loss.tau), max_grad_norm=cfg.optim.max_grad_norm)
+    replay_buffer = make_recipe_replay_buffer(cfg, device)
+    checkpoint = Path(directory) / CHECKPOINT_FILENAME
+
     start = time.perf_counter()
     if mode == "save":
-        episode = TensorDict(
-            {
-                "observation": torch.randn(EPISODE, OBS_DIM),
-                "action": torch.rand(EPISODE, ACTION_DIM),
-                "next": {
-                    "observation": torch.randn(EPISODE, OBS_DIM),
-                    "reward": torch.randn(EPISODE, 1),
-                    "done": torch.zeros(EPISODE, 1, dtype=torch.bool),
-                    "terminated": torch.zeros(EPISODE, 1, dtype=torch.bool),
-                },
-                TRAJ_KEY: torch.zeros(EPISODE, dtype=torch.long),
-            },
-            batch_size=[EPISODE],
-        )
-        for index in range(CAPACITY // EPISODE):
-            episode.get(TRAJ_KEY).fill_(index)
-            buffer.extend(episode)
-        save_checkpoint(Path(directory) / "checkpoint.pt", {"replay_buffer": buffer.state_dict()})
-    elif mode == "restore":
-        state = load_checkpoint(directory, mmap=True)
-        restore_replay_buffer(buffer, state["replay_buffer"], torch.device("cpu"))
-        del state
+        fill(replay_buffer, env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1])
     else:
-        sys.exit(f"replay_memory.py: mode must be 'save' or 'restore', got {mode!r}")
-    stored = buffer.storage._storage
+        resume_training(checkpoint, loss=loss, optimizer=optimizer, exploration_noise=modules.exploration_noise,
+                        replay_buffer=replay_buffer, device=device)
+    seconds = time.perf_counter() - start
+    for _ in range(UPDATES):
+        update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+    if mode == "save":
+        save_checkpoint(checkpoint, checkpoint_state(
+            cfg, collected_frames=len(replay_buffer), num_updates=UPDATES, loss=loss, optimizer=optimizer,
+            exploration_noise=modules.exploration_noise, replay_buffer=replay_buffer,
+        ))
+    stored = replay_buffer.storage._storage
     bytes_per_transition = sum(t.element_size() * t[0].numel() for t in stored.values(True, True))
-    print(json.dumps({"mode": mode, "transitions": len(buffer), "bytes_per_transition": bytes_per_transition,
-                      "seconds": time.perf_counter() - start, **memory_gib()}))
+    print(json.dumps({"mode": mode, "env": ENV_NAME, "transitions": len(replay_buffer),
+                      "bytes_per_transition": bytes_per_transition, "seconds": seconds,
+                      "updates_after": UPDATES, **memory_gib()}))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@ from alm_torchrl.training import (
     evaluate,
     load_checkpoint,
     make_collector,
+    make_loss,
     make_modules,
     make_optimizers,
+    make_recipe_replay_buffer,
     make_update,
     restore_replay_buffer,
+    resume_training,
     save_checkpoint,
 )
 
@@ -311,6 +314,29 @@ def test_save_checkpoint_is_atomic(tmp_path):
         save_checkpoint(path, {"frames": 2, "unpicklable": lambda: None})
     assert load_checkpoint(path) == {"frames": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+def test_resume_restores_the_run_and_releases_the_memory_mapped_checkpoint(smoke_runs):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*SMOKE, "env.name=Pendulum-v1"])
+    env = make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps)
+    modules = make_modules(cfg, env, torch.device("cpu"))
+    loss = make_loss(cfg, modules, torch.device("cpu"))
+    optimizer = make_optimizers(loss, cfg.optim.lr)
+    replay_buffer = make_recipe_replay_buffer(cfg, torch.device("cpu"))
+    checkpoint = smoke_runs["Pendulum-v1"] / "checkpoints" / "checkpoint.pt"
+    frames_and_updates = resume_training(checkpoint, loss=loss, optimizer=optimizer, replay_buffer=replay_buffer,
+                                         exploration_noise=modules.exploration_noise, device=torch.device("cpu"))
+    assert frames_and_updates == (300, 210) and len(replay_buffer) == 300
+    saved = load_checkpoint(checkpoint)
+    moments = [value["exp_avg"] for value in saved["optimizer"]["state"].values()]
+    assert all(torch.equal(value["exp_avg"], moment) for value, moment in zip(optimizer.state.values(), moments))
+    # Had a tensor of the checkpoint survived (Optimizer.load_state_dict keeps CPU tensors as they are), its file
+    # would stay mapped, and every page of it the replay buffer's copy read would stay resident for the whole run.
+    assert str(checkpoint.resolve()) not in Path("/proc/self/maps").read_text()
 
 
 def test_restore_replay_buffer_puts_the_transitions_on_the_buffer_device():

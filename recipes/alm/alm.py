@@ -28,9 +28,9 @@ from alm_torchrl.lower_bound import lower_bound_bias
 from alm_torchrl.replay import TRAJ_KEY, sample_slices
 from alm_torchrl.training import (
     NonFiniteGradientError,
+    checkpoint_state,
     configure_cpu_runtime,
     evaluate,
-    load_checkpoint,
     make_collector,
     make_loss,
     make_modules,
@@ -38,10 +38,8 @@ from alm_torchrl.training import (
     make_recipe_replay_buffer,
     make_update,
     resolve_device,
-    restore_replay_buffer,
-    rng_state,
+    resume_training,
     save_checkpoint,
-    set_rng_state,
     updates_per_batch,
     validate_config,
 )
@@ -93,14 +91,14 @@ def main(cfg: DictConfig) -> None:
     collected_frames = num_updates = 0
     traj_id_offset = 0
     if cfg.checkpoint.resume:
-        state = load_checkpoint(cfg.checkpoint.resume, mmap=True)  # a 1e6 buffer is ~3 GB: map it, do not copy it
-        loss.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        if modules.exploration_noise is not None:  # None when the actor learns its std (ALM-ENT)
-            modules.exploration_noise.load_state_dict(state["exploration_noise"])
-        restore_replay_buffer(replay_buffer, state["replay_buffer"], device)
-        set_rng_state(state["rng"])
-        collected_frames, num_updates = state["collected_frames"], state["num_updates"]
+        collected_frames, num_updates = resume_training(
+            cfg.checkpoint.resume,
+            loss=loss,
+            optimizer=optimizer,
+            exploration_noise=modules.exploration_noise,
+            replay_buffer=replay_buffer,
+            device=device,
+        )
         # New trajectory ids must not continue a stored trajectory, or the slice sampler would join them.
         traj_id_offset = int(replay_buffer.storage[: len(replay_buffer)].get(TRAJ_KEY).max()) + 1
         env.set_seed(cfg.env.seed + collected_frames)
@@ -120,23 +118,10 @@ def main(cfg: DictConfig) -> None:
     checkpoint_path = Path(cfg.checkpoint.dir) / "checkpoint.pt"
 
     def checkpoint() -> None:
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "env_name": cfg.env.name,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "collected_frames": collected_frames,
-                "num_updates": num_updates,
-                "logger_step": collected_frames,
-                "loss": loss.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "exploration_noise": (
-                    modules.exploration_noise.state_dict() if modules.exploration_noise is not None else None
-                ),
-                "replay_buffer": replay_buffer.state_dict(),
-                "rng": rng_state(),
-            },
-        )
+        state = checkpoint_state(cfg, collected_frames=collected_frames, num_updates=num_updates, loss=loss,
+                                 optimizer=optimizer, exploration_noise=modules.exploration_noise,
+                                 replay_buffer=replay_buffer)
+        save_checkpoint(checkpoint_path, state)
 
     pbar = tqdm.tqdm(total=cfg.collector.total_frames, initial=collected_frames, unit="frames")
     # Running sums of the update metrics since the last log. Keeping every update's output alive instead
