@@ -38,6 +38,9 @@ from alm_torchrl.training import (
     save_checkpoint,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from update_speed import torchrl_logs_to_stderr  # noqa: E402  (benchmarks/ is not a package)
+
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "alm"
 ENV_NAME, EPISODE, UPDATES = "Humanoid-v5", 1000, 3
 
@@ -75,6 +78,7 @@ def fill(replay_buffer, obs_dim: int, action_dim: int) -> None:
 def main(mode: str, directory: str) -> None:
     if mode not in ("save", "restore"):
         sys.exit(f"replay_memory.py: mode must be 'save' or 'restore', got {mode!r}")
+    torchrl_logs_to_stderr()
     with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"env.name={ENV_NAME}", "collector.device=cpu"])
     configure_cpu_runtime(cfg.compile.num_threads)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import resource
 import statistics
@@ -129,6 +130,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def torchrl_logs_to_stderr() -> None:
+    """TorchRL logs to stdout, which holds the one JSON line of a benchmark (``> results.jsonl``)."""
+    for handler in logging.getLogger("torchrl").handlers:
+        if type(handler) is logging.StreamHandler:  # TorchRL's console handler, not a subclass someone added
+            handler.setStream(sys.__stderr__)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -175,6 +183,7 @@ def fill_buffer(replay_buffer, example: TensorDict, traj_len: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    torchrl_logs_to_stderr()
     cfg = recipe_config(args)
     try:
         validate_config(cfg)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,19 @@ def test_update_speed_reports_the_required_fields(capsys):
     # obs and next obs (17 float32 each), action (6), reward; done, terminated (bool); the trajectory id and
     # the "index" entry TorchRL's TensorDictReplayBuffer writes (int64).
     assert result["bytes_per_transition"] == 4 * (17 + 17 + 6 + 1) + 1 + 1 + 8 + 8
+
+
+def test_update_speed_prints_nothing_but_its_json_line_on_stdout():
+    """`update_speed.py > results.jsonl` must give JSON only: TorchRL logs to stdout unless told otherwise."""
+    script = Path(update_speed.__file__)
+    command = [sys.executable, str(script), "--updates", "2", "--warmup-updates", "1", "--collector-frames", "10",
+               "--loop-frames", "0", "--evaluations", "0", "--batch-size", "8", *TINY_RECIPE]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, lines[:-1]
+    assert json.loads(lines[0])["env"] == "HalfCheetah-v5"
+    assert "[torchrl][INFO]" in result.stderr  # the log lines still reach the terminal
 
 
 # A stand-in checkout of the original code with the imports the harness must satisfy: `wandb`, and
