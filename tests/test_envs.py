@@ -39,6 +39,7 @@ def test_truncated_observation_presets(env_name: str, obs_dim: int) -> None:
     env = make_env(env_name)
     assert env.observation_spec["observation"].shape == (obs_dim,)
     assert env.reset()["observation"].shape == (obs_dim,)
+    assert make_env(env_name, num_envs=2).reset()["observation"].shape == (2, obs_dim)
 
 
 def test_step_counter_truncation_is_not_termination() -> None:
