@@ -39,7 +39,11 @@ def make_replay_buffer(
         raise ValueError(f"size must be >= slice_len ({slice_len}), got {size}")
     return TensorDictReplayBuffer(
         storage=LazyTensorStorage(size, device=device),
-        sampler=SliceSampler(slice_len=slice_len, traj_key=TRAJ_KEY, strict_length=True),
+        # cache_values: the trajectory boundaries are found once per write instead of once per sample (TorchRL keys
+        # the cache on the storage's write count and cursor). With the recipe's 10 samples per write of 10 frames, a
+        # batch of 512 slices took 1.1 instead of 1.3 ms from 100k transitions, 1.4 instead of 2.7 ms from 1e6 (2-core
+        # AMD VM); at a GPU's 500 updates/s, sampling has 2 ms per update.
+        sampler=SliceSampler(slice_len=slice_len, traj_key=TRAJ_KEY, strict_length=True, cache_values=True),
         batch_size=batch_size * slice_len,
         prefetch=prefetch,
     )

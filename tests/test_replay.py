@@ -44,6 +44,24 @@ def test_slices_never_cross_episode_boundaries(hopper_batches: list[TensorDict])
             assert not sample["next", "terminated"][:, :-1].any()
 
 
+def test_a_write_invalidates_the_cached_trajectory_boundaries() -> None:
+    """The sampler caches trajectory boundaries between writes. Overwrite a full buffer with episodes cut elsewhere,
+    leaving its cursor and length as they were: slices cut at the old boundaries would cross the new episodes."""
+    buffer = make_replay_buffer(size=10, batch_size=64, slice_len=3)
+
+    def extend(*lengths: int, first_id: int) -> None:
+        ids = torch.cat([torch.full((length,), first_id + i) for i, length in enumerate(lengths)])
+        buffer.extend(TensorDict({"observation": torch.arange(10.0).unsqueeze(-1), ("collector", "traj_ids"): ids},
+                                 batch_size=[10]))
+
+    extend(4, 6, first_id=0)
+    assert set(sample_slices(buffer, 64, 3)["collector", "traj_ids"][:, 0].tolist()) == {0, 1}  # fills the cache
+    extend(7, 3, first_id=2)
+    for _ in range(5):
+        traj_ids = sample_slices(buffer, 64, 3)["collector", "traj_ids"]
+        assert (traj_ids == traj_ids[:, :1]).all() and set(traj_ids[:, 0].tolist()) == {2, 3}
+
+
 def test_sample_shape(hopper_batches: list[TensorDict]) -> None:
     buffer = make_replay_buffer(size=1000, batch_size=4, slice_len=5, prefetch=2)
     buffer.extend(hopper_batches[0])
