@@ -470,6 +470,10 @@ def resume_training(
 ) -> tuple[int, int]:
     """Load a recipe checkpoint into fresh training objects and the RNGs; returns ``(collected_frames, num_updates)``.
 
+    The optimizer gets the checkpoint's state (moments, step counts) but keeps its own settings: the learning rate
+    and ``capturable``, which the config (``compile.cudagraphs``) decides, are not taken from the checkpoint as
+    ``Optimizer.load_state_dict`` would (a run resumed with CUDA graphs would fail to capture a non-capturable step).
+
     The checkpoint is memory-mapped (a 1e6-transition buffer is ~3 GB: mapped, not read into memory) and released on
     return. Nothing may keep a tensor of it: the mapping would keep every page the buffer's copy touched resident for
     the rest of the run (another 2.9 GB for Humanoid). ``Optimizer.load_state_dict`` keeps CPU tensors of the right
@@ -477,7 +481,10 @@ def resume_training(
     """
     state = load_checkpoint(path, mmap=True)
     loss.load_state_dict(state["loss"])
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(_state_to_device(state["optimizer"], torch.device("cpu"), copy_tensors=True))
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
     if exploration_noise is not None:  # None when the actor learns its std (ALM-ENT)
         exploration_noise.load_state_dict(state["exploration_noise"])
     restore_replay_buffer(replay_buffer, state["replay_buffer"], device)
@@ -590,4 +597,20 @@ def validate_config(cfg: Any) -> None:
             raise ValueError(
                 f"checkpoint.resume={cfg.checkpoint.resume!r} already holds {stored['collected_frames']} frames, "
                 f">= collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
+            )
+        # Networks of other sizes would fail to load with a page of tensor shapes; a buffer of another capacity would
+        # load and silently keep the checkpoint's.
+        stored_config = stored["config"]
+        for key, value in stored_config["network"].items():
+            if cfg.network.get(key) != value:
+                raise ValueError(
+                    f"checkpoint.resume={cfg.checkpoint.resume!r} was trained with network.{key}={value!r}, not "
+                    f"network.{key}={cfg.network.get(key)!r}; resume with network.{key}={value}"
+                )
+        stored_capacity = stored_config["replay_buffer"]["size"] or replay_buffer_size_for(stored["env_name"])
+        capacity = cfg.replay_buffer.size or replay_buffer_size_for(cfg.env.name)
+        if capacity != stored_capacity:
+            raise ValueError(
+                f"checkpoint.resume={cfg.checkpoint.resume!r} holds a replay buffer of {stored_capacity} transitions, "
+                f"not replay_buffer.size={capacity}; resume with replay_buffer.size={stored_capacity}"
             )

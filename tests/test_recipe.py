@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from alm_torchrl.training import (
     restore_replay_buffer,
     resume_training,
     save_checkpoint,
+    validate_config,
 )
 
 from conftest import LOSS_GROUPS, TINY_RECIPE as TINY, fixed_policy, slice_batch, tiny_loss
@@ -317,7 +319,7 @@ def test_save_checkpoint_is_atomic(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
-def test_resume_restores_the_run_and_releases_the_memory_mapped_checkpoint(smoke_runs):
+def test_resume_restores_the_state_keeps_the_optimizer_settings_and_releases_the_checkpoint(smoke_runs):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
@@ -325,7 +327,8 @@ def test_resume_restores_the_run_and_releases_the_memory_mapped_checkpoint(smoke
     env = make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps)
     modules = make_modules(cfg, env, torch.device("cpu"))
     loss = make_loss(cfg, modules, torch.device("cpu"))
-    optimizer = make_optimizers(loss, cfg.optim.lr)
+    # Settings the run was not saved with: the checkpoint's state is restored, the optimizer keeps these.
+    optimizer = make_optimizers(loss, 3e-4, capturable=True)
     replay_buffer = make_recipe_replay_buffer(cfg, torch.device("cpu"))
     checkpoint = smoke_runs["Pendulum-v1"] / "checkpoints" / "checkpoint.pt"
     frames_and_updates = resume_training(checkpoint, loss=loss, optimizer=optimizer, replay_buffer=replay_buffer,
@@ -334,9 +337,29 @@ def test_resume_restores_the_run_and_releases_the_memory_mapped_checkpoint(smoke
     saved = load_checkpoint(checkpoint)
     moments = [value["exp_avg"] for value in saved["optimizer"]["state"].values()]
     assert all(torch.equal(value["exp_avg"], moment) for value, moment in zip(optimizer.state.values(), moments))
+    assert all(group["lr"] == 3e-4 and group["capturable"] for group in optimizer.param_groups)
+    assert [group["name"] for group in optimizer.param_groups] == list(OPTIMIZER_GROUPS)
     # Had a tensor of the checkpoint survived (Optimizer.load_state_dict keeps CPU tensors as they are), its file
     # would stay mapped, and every page of it the replay buffer's copy read would stay resident for the whole run.
     assert str(checkpoint.resolve()) not in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("network.hidden_dim=32", "was trained with network.hidden_dim=16, not network.hidden_dim=32; resume with "
+                              "network.hidden_dim=16"),
+    ("network.encoder=identity", "was trained with network.encoder='mlp', not network.encoder='identity'"),
+    ("replay_buffer.size=1000", "holds a replay buffer of 100000 transitions, not replay_buffer.size=1000; resume "
+                                "with replay_buffer.size=100000"),
+])
+def test_resume_with_other_networks_or_buffer_capacity_is_one_clear_error(smoke_runs, override, message):
+    from hydra import compose, initialize_config_dir
+
+    resume = smoke_runs["Pendulum-v1"] / "checkpoints"
+    resumed = [*SMOKE, "env.name=Pendulum-v1", "collector.total_frames=400", f"checkpoint.resume={resume}"]
+    with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
+        validate_config(compose(config_name="config", overrides=resumed))  # as saved: accepted
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate_config(compose(config_name="config", overrides=[*resumed, override]))
 
 
 def test_restore_replay_buffer_puts_the_transitions_on_the_buffer_device():
