@@ -599,7 +599,7 @@ def validate_config(cfg: Any) -> None:
                 f">= collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
             )
         # Networks of other sizes would fail to load with a page of tensor shapes; a buffer of another capacity would
-        # load and silently keep the checkpoint's.
+        # load silently, its storage keeping the checkpoint's rows while the buffer's max_size says the config's.
         stored_config = stored["config"]
         for key, value in stored_config["network"].items():
             if cfg.network.get(key) != value:
