@@ -7,6 +7,7 @@ worth testing on its own (optimizer groups, the update step, evaluation, checkpo
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import math
 import os
 import random
@@ -61,6 +62,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
+# TorchRL's logger backends (torchrl.record.loggers.get_logger) and the package each needs beyond torchrl.
+LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 # ALM's four optimizers (spec, "Order and optimizers"), by the prefix of ``loss.named_parameters()``.
 OPTIMIZER_GROUPS: dict[str, tuple[str, ...]] = {
@@ -565,6 +568,15 @@ def validate_config(cfg: Any) -> None:
             f"loss.entropy_coef={cfg.loss.entropy_coef} (ALM-ENT) needs an actor that learns its std: "
             "add network.actor_std=learned"
         )
+    backend = cfg.logger.backend
+    if backend:
+        if backend not in LOGGER_PACKAGES:
+            raise ValueError(
+                f"logger.backend={backend!r} is not one of {', '.join(LOGGER_PACKAGES)}, or empty (no logging)"
+            )
+        package = LOGGER_PACKAGES[backend]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"logger.backend={backend!r} needs the {package} package: pip install {package}")
     for key, value in (
         ("logger.eval_iter", cfg.logger.eval_iter),
         ("logger.num_eval_episodes", cfg.logger.num_eval_episodes),

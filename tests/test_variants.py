@@ -240,6 +240,23 @@ def test_intervals_and_eval_episodes_must_be_positive(override):
         validate_config(_config(override))
 
 
+def test_unknown_logger_backend_is_one_clear_error():
+    with pytest.raises(ValueError, match="^logger.backend='tensorbord' is not one of csv, tensorboard, wandb, mlflow, "
+                                         "trackio, or empty"):
+        validate_config(_config("logger.backend=tensorbord"))
+    validate_config(_config("logger.backend=csv"))
+    validate_config(_config("logger.backend="))
+
+
+def test_logger_backend_without_its_package_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
+    with pytest.raises(ValueError, match="^logger.backend='wandb' needs the wandb package: pip install wandb$"):
+        validate_config(_config("logger.backend=wandb"))
+
+
 @pytest.mark.parametrize("frames_per_batch, utd_ratio", [(30, 0.1), (100, 0.29), (10, 2)])
 def test_utd_ratios_whose_product_is_whole_up_to_float_rounding_are_accepted(frames_per_batch, utd_ratio):
     validate_config(_config(f"collector.frames_per_batch={frames_per_batch}", f"optim.utd_ratio={utd_ratio}"))
