@@ -568,6 +568,24 @@ def validate_config(cfg: Any) -> None:
             f"loss.entropy_coef={cfg.loss.entropy_coef} (ALM-ENT) needs an actor that learns its std: "
             "add network.actor_std=learned"
         )
+    # Out-of-range numbers either fail later without naming the key (Adam, SoftUpdate) or train silently wrong.
+    number_ranges = (
+        ("collector.total_frames", cfg.collector.total_frames, lambda x: x >= 1, ">= 1"),
+        ("optim.lr", cfg.optim.lr, lambda x: x > 0, "> 0 (paper: 1e-4)"),
+        ("optim.gamma", cfg.optim.gamma, lambda x: 0 < x <= 1, "in (0, 1] (paper: 0.99)"),
+        ("optim.max_grad_norm", cfg.optim.max_grad_norm, lambda x: x > 0, "> 0 (paper: 100)"),
+        ("loss.tau", cfg.loss.tau, lambda x: 0 < x <= 1, "in (0, 1] (paper: 0.005)"),
+        ("loss.lmbda", cfg.loss.lmbda, lambda x: 0 <= x <= 1, "in [0, 1] (paper: 0.95)"),
+        ("loss.classifier_coef", cfg.loss.classifier_coef, lambda x: x >= 0, ">= 0 (paper: 0.1; 0 drops the bonus)"),
+        ("loss.noise_clip", cfg.loss.noise_clip, lambda x: x >= 0, ">= 0 (paper: 0.3)"),
+        ("exploration.noise_end", cfg.exploration.noise_end, lambda x: x >= 0, ">= 0 (paper: 0.1)"),
+        ("exploration.noise_init", cfg.exploration.noise_init, lambda x: x >= cfg.exploration.noise_end,
+         f">= exploration.noise_end={cfg.exploration.noise_end} (paper: 1.0)"),
+        ("exploration.annealing_frames", cfg.exploration.annealing_frames, lambda x: x >= 1, ">= 1 (paper: 100000)"),
+    )
+    for key, value, valid, expected in number_ranges:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise ValueError(f"{key} must be a number {expected}, got {value!r}")
     backend = cfg.logger.backend
     if backend:
         if backend not in LOGGER_PACKAGES:

@@ -3,6 +3,7 @@ from the recipe config."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -238,6 +239,28 @@ def test_intervals_and_eval_episodes_must_be_positive(override):
     key, value = override.split("=")
     with pytest.raises(ValueError, match=f"^{key} must be a positive integer, got {value}$"):
         validate_config(_config(override))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "optim.lr must be a number > 0 (paper: 1e-4), got 0"),
+    ("optim.gamma=1.5", "optim.gamma must be a number in (0, 1] (paper: 0.99), got 1.5"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be a number > 0 (paper: 100), got -1"),
+    ("loss.tau=0", "loss.tau must be a number in (0, 1] (paper: 0.005), got 0"),
+    ("loss.lmbda=abc", "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 'abc'"),
+    ("loss.classifier_coef=-0.1", "loss.classifier_coef must be a number >= 0"),
+    ("exploration.noise_init=0.05", "exploration.noise_init must be a number >= exploration.noise_end=0.1"),
+    ("exploration.annealing_frames=0", "exploration.annealing_frames must be a number >= 1"),
+    ("collector.total_frames=0", "collector.total_frames must be a number >= 1, got 0"),
+])
+def test_out_of_range_numbers_are_one_clear_error(override, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        validate_config(_config(override))
+
+
+@pytest.mark.parametrize("override", ["optim.gamma=1", "loss.lmbda=0", "loss.classifier_coef=0",
+                                      "exploration.noise_init=0.1"])
+def test_numbers_at_the_edge_of_their_range_are_accepted(override):
+    validate_config(_config(override))
 
 
 def test_unknown_logger_backend_is_one_clear_error():
