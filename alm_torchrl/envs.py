@@ -161,22 +161,28 @@ def make_env(
     return env
 
 
-def rollout_episodes(env: EnvBase, policy: Callable, max_steps: int) -> list[TensorDictBase]:
-    """One episode of ``policy`` in each copy of ``env`` (one for an unbatched env), each at most ``max_steps`` long.
+def rollout_episodes(
+    env: EnvBase, policy: Callable, max_steps: int, num_episodes: int | None = None
+) -> list[TensorDictBase]:
+    """Episodes of ``policy`` in ``env``, each at most ``max_steps`` long, as tensordicts of shape ``[T_i]``.
 
-    Returns the episodes as tensordicts of shape ``[T_i]``, in the order of the env's copies. A batched env
-    (:func:`make_env` with ``num_envs > 1``) runs its copies side by side until the last one is done; a copy that
-    finished earlier repeats its last step meanwhile (TorchRL's partial steps), which is cut off here.
+    One rollout gives one episode per copy of ``env`` (one for an unbatched env), in the order of the copies: a
+    batched env (:func:`make_env` with ``num_envs > 1``) runs its copies side by side until the last one is done, and
+    a copy that finished earlier repeats its last step meanwhile (TorchRL's partial steps), which is cut off here.
+    ``num_episodes`` runs as many rollouts as it takes and returns the first ``num_episodes``; None: one rollout.
     """
     batched = len(env.batch_size) > 0
-    rollout = env.rollout(
-        max_steps,
-        policy,
-        auto_cast_to_device=True,
-        break_when_any_done=not batched,
-        break_when_all_done=batched,
-    )
-    rollout = rollout.reshape(-1, rollout.shape[-1])
-    done = rollout.get(("next", "done")).reshape(rollout.shape)
-    lengths = torch.where(done.any(-1), done.int().argmax(-1) + 1, rollout.shape[-1])
-    return [episode[:length] for episode, length in zip(rollout.unbind(0), lengths.tolist())]
+    episodes: list[TensorDictBase] = []
+    while not episodes or (num_episodes is not None and len(episodes) < num_episodes):
+        rollout = env.rollout(
+            max_steps,
+            policy,
+            auto_cast_to_device=True,
+            break_when_any_done=not batched,
+            break_when_all_done=batched,
+        )
+        rollout = rollout.reshape(-1, rollout.shape[-1])
+        done = rollout.get(("next", "done")).reshape(rollout.shape)
+        lengths = torch.where(done.any(-1), done.int().argmax(-1) + 1, rollout.shape[-1])
+        episodes += [episode[:length] for episode, length in zip(rollout.unbind(0), lengths.tolist())]
+    return episodes if num_episodes is None else episodes[:num_episodes]

@@ -219,10 +219,7 @@ def lower_bound_bias(
     device = next(loss.parameters()).device
     lower_bounds, mc_returns = [], []
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        episodes = []
-        while len(episodes) < num_episodes:
-            episodes += rollout_episodes(env, eval_policy, max_steps)
-        for episode in episodes[:num_episodes]:
+        for episode in rollout_episodes(env, eval_policy, max_steps, num_episodes):
             mc_returns.append(discounted_returns(episode.get(("next", keys.reward)), gamma)[:num_states].cpu())
             states = episode[:num_states]
             lower_bounds.append(

@@ -367,11 +367,8 @@ def evaluate(env: EnvBase, eval_policy: Callable, num_episodes: int, max_steps: 
     A batched ``env`` (``make_env(num_envs=n)``) runs ``n`` of the episodes side by side, one policy call per step
     for all of them; ``num_episodes = n`` is one rollout.
     """
-    episodes = []
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        while len(episodes) < num_episodes:
-            episodes += rollout_episodes(env, eval_policy, max_steps)
-    episodes = episodes[:num_episodes]
+        episodes = rollout_episodes(env, eval_policy, max_steps, num_episodes)
     returns = [episode["next", "reward"].sum().item() for episode in episodes]
     return {"return_mean": float(np.mean(returns)), "length_mean": float(np.mean([len(e) for e in episodes]))}
 

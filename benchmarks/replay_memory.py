@@ -39,7 +39,7 @@ from alm_torchrl.training import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import torchrl_logs_to_stderr  # noqa: E402  (benchmarks/ is not a package)
+from update_speed import fill_buffer, torchrl_logs_to_stderr  # noqa: E402  (benchmarks/ is not a package)
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "alm"
 ENV_NAME, EPISODE, UPDATES = "Humanoid-v5", 1000, 3
@@ -55,8 +55,9 @@ def memory_gib() -> dict[str, float]:
     }
 
 
-def fill(replay_buffer, obs_dim: int, action_dim: int) -> None:
-    episode = TensorDict(
+def synthetic_episode(obs_dim: int, action_dim: int) -> TensorDict:
+    """An episode of ``EPISODE`` random transitions with the keys the recipe stores (trajectory id 0)."""
+    return TensorDict(
         {
             "observation": torch.randn(EPISODE, obs_dim),
             "action": torch.rand(EPISODE, action_dim) * 2 - 1,
@@ -70,9 +71,6 @@ def fill(replay_buffer, obs_dim: int, action_dim: int) -> None:
         },
         batch_size=[EPISODE],
     )
-    for index in range(replay_buffer.storage.max_size // EPISODE):
-        episode.get(TRAJ_KEY).fill_(index)
-        replay_buffer.extend(episode)
 
 
 def main(mode: str, directory: str) -> None:
@@ -93,7 +91,9 @@ def main(mode: str, directory: str) -> None:
 
     start = time.perf_counter()
     if mode == "save":
-        fill(replay_buffer, env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1])
+        episode = synthetic_episode(env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1])
+        replay_buffer.extend(episode)
+        fill_buffer(replay_buffer, episode, EPISODE)
     else:
         resume_training(checkpoint, loss=loss, optimizer=optimizer, exploration_noise=modules.exploration_noise,
                         replay_buffer=replay_buffer, device=device)
