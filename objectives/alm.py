@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
@@ -15,7 +17,6 @@ from torchrl.data.tensor_specs import Bounded, Composite, TensorSpec
 from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import (
     _cache_values,
-    _GAMMA_LMBDA_DEPREC_ERROR,
     _vmap_func,
     dispatch_value_estimator,
     ValueEstimators,
@@ -44,6 +45,18 @@ def _kl_divergence(p: d.Distribution, q: d.Distribution) -> torch.Tensor:
         mean_term = ((p_loc - q_loc) / q_scale).pow(2)
         return (0.5 * (variance_ratio + mean_term - 1 - variance_ratio.log())).sum(-1)
     return d.kl_divergence(p, q)
+
+
+def _check_number(
+    name: str, value, valid: Callable[[float], bool], expected: str
+) -> None:
+    """Raises a ``ValueError`` naming ``name`` unless ``value`` is a number and ``valid(value)``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not valid(value)
+    ):
+        raise ValueError(f"{name} must be a number {expected}, got {value!r}.")
 
 
 @dataclass
@@ -155,54 +168,36 @@ class ALMLoss(LossModule):
 
     Examples:
         >>> import torch
-        >>> from torch import nn
         >>> from tensordict import TensorDict
-        >>> from tensordict.nn import (InteractionType, ProbabilisticTensorDictModule,
-        ...     ProbabilisticTensorDictSequential, TensorDictModule)
+        >>> from tensordict.nn import NormalParamExtractor, TensorDictModule as Mod
+        >>> from tensordict.nn import ProbabilisticTensorDictModule as ProbMod
+        >>> from tensordict.nn import ProbabilisticTensorDictSequential as ProbSeq
         >>> from torchrl.data import Bounded
-        >>> from torchrl.modules import Actor, IndependentNormal, ValueOperator
+        >>> from torchrl.modules import MLP, Actor, IndependentNormal
         >>> from torchrl.objectives import SoftUpdate
         >>> n_obs, n_act, n_lat, B, K = 4, 2, 3, 8, 3
-        >>> class Cat(nn.Module):
-        ...     def __init__(self, n_in, n_out):
-        ...         super().__init__()
-        ...         self.linear = nn.Linear(n_in, n_out)
-        ...     def forward(self, *x):
-        ...         return self.linear(torch.cat(x, -1))
-        >>> class GaussianCat(Cat):
-        ...     def forward(self, *x):
-        ...         loc, scale = super().forward(*x).chunk(2, -1)
-        ...         return loc, nn.functional.softplus(scale) + 0.1
-        >>> def gaussian(n_in, in_keys, out_key):
-        ...     return ProbabilisticTensorDictSequential(
-        ...         TensorDictModule(GaussianCat(n_in, 2 * n_lat), in_keys=in_keys, out_keys=["loc", "scale"]),
-        ...         ProbabilisticTensorDictModule(in_keys=["loc", "scale"], out_keys=[out_key],
-        ...             distribution_class=IndependentNormal,
-        ...             default_interaction_type=InteractionType.RANDOM))
-        >>> spec = Bounded(-1, 1, shape=(n_act,))
+        >>> za, spec = ["latent", "action"], Bounded(-1.0, 1.0, shape=(n_act,))
+        >>> def gaussian(in_keys, n_in, out_key):
+        ...     return ProbSeq(Mod(MLP(n_in, 2 * n_lat), in_keys, ["params"]),
+        ...         Mod(NormalParamExtractor(), ["params"], ["loc", "scale"]),
+        ...         ProbMod(["loc", "scale"], [out_key], distribution_class=IndependentNormal))
+        >>> def head(in_keys, n_in, n_out, out_key):
+        ...     return Mod(MLP(n_in, n_out, num_cells=[32]), in_keys, [out_key])
         >>> loss = ALMLoss(
-        ...     encoder=gaussian(n_obs, ["observation"], "latent"),
-        ...     world_model=gaussian(n_lat + n_act, ["latent", "action"], "next_latent"),
-        ...     reward_model=TensorDictModule(Cat(n_lat + n_act, 1),
-        ...         in_keys=["latent", "action"], out_keys=["predicted_reward"]),
-        ...     classifier=TensorDictModule(Cat(2 * n_lat + n_act, 2),
-        ...         in_keys=["latent", "action", "next_latent"], out_keys=["classifier_logits"]),
-        ...     qvalue_network=[ValueOperator(Cat(n_lat + n_act, 1), in_keys=["latent", "action"])
-        ...         for _ in range(2)],
-        ...     actor_network=Actor(nn.Sequential(nn.Linear(n_lat, n_act), nn.Tanh()),
-        ...         in_keys=["latent"], spec=spec),
-        ... )
+        ...     encoder=gaussian(["observation"], n_obs, "latent"),
+        ...     world_model=gaussian(za, n_lat + n_act, "next_latent"),
+        ...     reward_model=head(za, n_lat + n_act, 1, "predicted_reward"),
+        ...     classifier=head(za + ["next_latent"], 2 * n_lat + n_act, 2, "classifier_logits"),
+        ...     qvalue_network=[head(za, n_lat + n_act, 1, "state_action_value") for _ in "12"],
+        ...     actor_network=Actor(torch.nn.Sequential(MLP(n_lat, n_act), torch.nn.Tanh()),
+        ...                         in_keys=["latent"], spec=spec))
         >>> target_updater = SoftUpdate(loss, tau=0.005)
-        >>> batch = TensorDict({
-        ...     "observation": torch.randn(B, K, n_obs),
-        ...     "action": spec.rand((B, K)),
+        >>> data = TensorDict({"observation": torch.randn(B, K, n_obs), "action": spec.rand((B, K)),
         ...     "next": {"observation": torch.randn(B, K, n_obs), "reward": torch.randn(B, K, 1),
         ...              "done": torch.zeros(B, K, 1, dtype=torch.bool),
-        ...              "terminated": torch.zeros(B, K, 1, dtype=torch.bool)},
-        ... }, batch_size=[B, K])
-        >>> losses = loss(batch)
-        >>> sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
-        >>> sorted(k for k in losses.keys() if k.startswith("loss_"))
+        ...              "terminated": torch.zeros(B, K, 1, dtype=torch.bool)}}, batch_size=[B, K])
+        >>> losses = loss(data)
+        >>> sorted(key for key in losses.keys() if key.startswith("loss_"))
         ['loss_actor', 'loss_classifier', 'loss_model', 'loss_qvalue', 'loss_reward']
     """
 
@@ -232,6 +227,11 @@ class ALMLoss(LossModule):
                 ``"classifier_logits"``.
             state_action_value (NestedKey): the critic's output. Defaults to
                 ``"state_action_value"``.
+            priority (NestedKey): where :meth:`forward` writes the priority of each sampled
+                transition into the input, for a prioritized sampler: the critics' squared TD
+                error at the slice's first transition (the largest over critics, as
+                :class:`~torchrl.objectives.TD3Loss` does), broadcast over the slice's K
+                steps. Defaults to ``"td_error"``.
             priority_weight (NestedKey): importance weights of a prioritized sampler, read at
                 each slice's first step. Defaults to ``"priority_weight"``.
             action_std (NestedKey): the action std an actor with a learned std writes next to
@@ -249,6 +249,7 @@ class ALMLoss(LossModule):
         predicted_reward: NestedKey = "predicted_reward"
         classifier_logits: NestedKey = "classifier_logits"
         state_action_value: NestedKey = "state_action_value"
+        priority: NestedKey = "td_error"
         priority_weight: NestedKey = "priority_weight"
         action_std: NestedKey = "action_std"
 
@@ -257,6 +258,19 @@ class ALMLoss(LossModule):
     default_value_estimator = ValueEstimators.TD0
     SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0,)
     _schedulable_buffers = frozenset({"actor_std", "classifier_coef"})
+
+    LOSS_NETWORKS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "loss_model": ("encoder", "world_model"),
+        "loss_reward": ("reward_model",),
+        "loss_classifier": ("classifier",),
+        "loss_qvalue": ("qvalue_network",),
+        "loss_actor": ("actor_network",),
+    }
+    """The networks whose parameters each loss term trains (and no other term does).
+
+    ``<name>_params`` holds the parameters of network ``<name>``;
+    :meth:`trained_parameters` returns them by loss term.
+    """
 
     encoder: ProbabilisticTensorDictSequential
     world_model: ProbabilisticTensorDictSequential
@@ -292,7 +306,6 @@ class ALMLoss(LossModule):
         lmbda: float = 0.95,
         actor_std: float = 1.0,
         noise_clip: float = 0.3,
-        gamma: float | None = None,
         reduction: str | None = None,
         deactivate_vmap: bool = False,
         kl_term: bool = True,
@@ -301,22 +314,36 @@ class ALMLoss(LossModule):
         log_reward_shift: float | None = None,
         entropy_coef: float = 0.0,
     ) -> None:
-        if gamma is not None:
-            raise TypeError(_GAMMA_LMBDA_DEPREC_ERROR)
         if reduction is None:
             reduction = "mean"
         if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}.")
-        if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"lmbda must be in [0, 1], got {lmbda}.")
+            raise ValueError(
+                f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}."
+            )
+        _check_number("lmbda", lmbda, lambda x: 0 <= x <= 1, "in [0, 1] (paper: 0.95)")
+        _check_number(
+            "classifier_coef",
+            classifier_coef,
+            lambda x: x >= 0,
+            ">= 0 (paper: 0.1; 0 drops the bonus)",
+        )
+        _check_number("actor_std", actor_std, lambda x: x >= 0, ">= 0")
+        if noise_clip is not None:
+            _check_number(
+                "noise_clip", noise_clip, lambda x: x >= 0, ">= 0 or None (paper: 0.3)"
+            )
         if actor_objective not in ("svg", "td3"):
-            raise ValueError(f"actor_objective must be 'svg' or 'td3', got {actor_objective!r}.")
-        if log_reward_shift is not None and log_reward_shift <= 0:
-            raise ValueError(f"log_reward_shift must be positive or None, got {log_reward_shift}.")
-        if entropy_coef < 0:
-            raise ValueError(f"entropy_coef must be non-negative, got {entropy_coef}.")
-        if noise_clip is not None and noise_clip < 0:
-            raise ValueError(f"noise_clip must be non-negative or None, got {noise_clip}.")
+            raise ValueError(
+                f"actor_objective must be 'svg' or 'td3', got {actor_objective!r}."
+            )
+        if log_reward_shift is not None:
+            _check_number(
+                "log_reward_shift",
+                log_reward_shift,
+                lambda x: x > 0,
+                "> 0 or None (paper: 10000)",
+            )
+        _check_number("entropy_coef", entropy_coef, lambda x: x >= 0, ">= 0")
         for name, network in (("encoder", encoder), ("world_model", world_model)):
             if not hasattr(network, "get_dist"):
                 raise TypeError(
@@ -325,10 +352,14 @@ class ALMLoss(LossModule):
                 )
         if isinstance(qvalue_network, (list, tuple)):
             if len(qvalue_network) == 0:
-                raise ValueError("qvalue_network is an empty list; pass at least one critic.")
+                raise ValueError(
+                    "qvalue_network is an empty list; pass at least one critic."
+                )
             num_qvalue_nets = len(qvalue_network)
         if num_qvalue_nets < 1:
-            raise ValueError(f"num_qvalue_nets must be at least 1, got {num_qvalue_nets}.")
+            raise ValueError(
+                f"num_qvalue_nets must be at least 1, got {num_qvalue_nets}."
+            )
         super().__init__()
         self.reduction = reduction
         self.deactivate_vmap = deactivate_vmap
@@ -341,14 +372,33 @@ class ALMLoss(LossModule):
         self.log_reward_shift = log_reward_shift
         self.entropy_coef = entropy_coef
         # The five losses, then the detached diagnostics, which depend on the variant.
-        model_diagnostics = ["kl", "model_kl_term", "model_reward", "latent_std", "model_value_term"]
-        actor_diagnostics = ["actor_q"] if actor_objective == "td3" else ["imagined_reward", "classifier_reward"]
+        model_diagnostics = [
+            "kl",
+            "model_kl_term",
+            "model_reward",
+            "latent_std",
+            "model_value_term",
+        ]
+        actor_diagnostics = (
+            ["actor_q"]
+            if actor_objective == "td3"
+            else ["imagined_reward", "classifier_reward"]
+        )
         if entropy_coef > 0:
             actor_diagnostics.append("actor_entropy")
         self.out_keys = [
-            "loss_model", "loss_reward", "loss_classifier", "loss_qvalue", "loss_actor",
-            *model_diagnostics, *(["model_value"] if value_term else []),
-            "reward_error", "classifier_accuracy", "q_mean", "target_q_mean", *actor_diagnostics,
+            "loss_model",
+            "loss_reward",
+            "loss_classifier",
+            "loss_qvalue",
+            "loss_actor",
+            *model_diagnostics,
+            *(["model_value"] if value_term else []),
+            "reward_error",
+            "classifier_accuracy",
+            "q_mean",
+            "target_q_mean",
+            *actor_diagnostics,
         ]
         self._in_keys = None
         self._latent_sizes_checked = False
@@ -360,6 +410,12 @@ class ALMLoss(LossModule):
         self.convert_to_functional(
             qvalue_network, "qvalue_network", num_qvalue_nets, create_target_params=True
         )
+        if isinstance(qvalue_network, (list, tuple)) and num_qvalue_nets == 1:
+            # convert_to_functional keeps a one-module list as expanded views of the
+            # module's weights, which are not parameters: nothing would train them.
+            self.qvalue_network_params = TensorDictParams(
+                self.qvalue_network_params.data.clone()
+            )
         self.convert_to_functional(actor_network, "actor_network")
 
         low, high = self._action_bounds(action_spec, actor_network)
@@ -367,7 +423,9 @@ class ALMLoss(LossModule):
         self.register_buffer("action_low", low.to(device))
         self.register_buffer("action_high", high.to(device))
         self.register_coeff_buffer("actor_std", float(actor_std), device=device)
-        self.register_coeff_buffer("classifier_coef", float(classifier_coef), device=device)
+        self.register_coeff_buffer(
+            "classifier_coef", float(classifier_coef), device=device
+        )
         self._make_vmap()
 
     def _action_bounds(
@@ -385,7 +443,9 @@ class ALMLoss(LossModule):
             )
         low, high = action_spec.space.low, action_spec.space.high
         if (low >= high).any():
-            raise ValueError(f"Action bounds must satisfy low < high, got low={low} and high={high}.")
+            raise ValueError(
+                f"Action bounds must satisfy low < high, got low={low} and high={high}."
+            )
         return low.float(), high.float()
 
     def _make_vmap(self) -> None:
@@ -408,6 +468,11 @@ class ALMLoss(LossModule):
 
     def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
         value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
+        gamma = hp.get("gamma")
+        if gamma is not None:
+            _check_number(
+                "gamma", gamma, lambda x: 0 < x <= 1, "in (0, 1] (paper: 0.99)"
+            )
         if value_type is None:
             return self
         # Like TD3, the next value is computed by the loss (min of the target critics) and
@@ -480,34 +545,59 @@ class ALMLoss(LossModule):
 
     # ------------------------------------------------------------------ network calls
     def _latent_dist(
-        self, network: ProbabilisticTensorDictSequential, params: TensorDictBase, inputs: TensorDictBase
+        self,
+        network: ProbabilisticTensorDictSequential,
+        params: TensorDictBase,
+        inputs: TensorDictBase,
     ) -> d.Distribution:
         with params.to_module(network, preserve_module_state=False):
             return network.get_dist(inputs)
 
-    def _encode(self, observation: torch.Tensor, params: TensorDictBase) -> d.Distribution:
-        inputs = TensorDict({self.tensor_keys.observation: observation}, batch_size=observation.shape[:-1])
+    def _encode(
+        self, observation: torch.Tensor, params: TensorDictBase
+    ) -> d.Distribution:
+        inputs = TensorDict(
+            {self.tensor_keys.observation: observation},
+            batch_size=observation.shape[:-1],
+        )
         return self._latent_dist(self.encoder, params, inputs)
 
-    def _encoder_dist_params(self, observation: torch.Tensor, params: TensorDictBase) -> TensorDictBase:
+    def _encoder_dist_params(
+        self, observation: torch.Tensor, params: TensorDictBase
+    ) -> TensorDictBase:
         """The encoder's distribution parameters, so one pass can serve several time steps."""
-        inputs = TensorDict({self.tensor_keys.observation: observation}, batch_size=observation.shape[:-1])
+        inputs = TensorDict(
+            {self.tensor_keys.observation: observation},
+            batch_size=observation.shape[:-1],
+        )
         with params.to_module(self.encoder, preserve_module_state=False):
             return self.encoder.get_dist_params(inputs)
 
-    def _predict_next_latent(self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase) -> d.Distribution:
+    def _predict_next_latent(
+        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+    ) -> d.Distribution:
         keys = self.tensor_keys
-        inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
+        inputs = TensorDict(
+            {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
+        )
         return self._latent_dist(self.world_model, params, inputs)
 
-    def _predict_reward(self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
+    def _predict_reward(
+        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+    ) -> torch.Tensor:
         keys = self.tensor_keys
-        inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
+        inputs = TensorDict(
+            {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
+        )
         with params.to_module(self.reward_model, preserve_module_state=False):
             return self.reward_model(inputs).get(keys.predicted_reward)
 
     def _classify(
-        self, latent: torch.Tensor, action: torch.Tensor, next_latent: torch.Tensor, params: TensorDictBase
+        self,
+        latent: torch.Tensor,
+        action: torch.Tensor,
+        next_latent: torch.Tensor,
+        params: TensorDictBase,
     ) -> torch.Tensor:
         keys = self.tensor_keys
         inputs = TensorDict(
@@ -517,45 +607,69 @@ class ALMLoss(LossModule):
         with params.to_module(self.classifier, preserve_module_state=False):
             return self.classifier(inputs).get(keys.classifier_logits)
 
-    def _qvalues(self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
+    def _qvalues(
+        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+    ) -> torch.Tensor:
         """All critics' values, shape ``[num_qvalue_nets, *batch, 1]``."""
         keys = self.tensor_keys
-        inputs = TensorDict({keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1])
+        inputs = TensorDict(
+            {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
+        )
         return self._vmap_qvalue_networkN0(inputs, params).get(keys.state_action_value)
 
-    def _sample_action(self, latent: torch.Tensor, params: TensorDictBase) -> torch.Tensor:
-        """The actor's mean plus clipped Gaussian noise, clamped to the bounds straight-through.
+    def _min_qvalue(
+        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+    ) -> torch.Tensor:
+        """Clipped double-Q: the smallest critic value, shape ``[*batch, 1]``."""
+        return self._qvalues(latent, action, params).min(0).values
 
-        This is DrQ-v2/ALM's ``TruncatedNormal.sample(clip)``, not torchrl's TruncatedNormal:
-        the noise is clipped, then the action is clamped to ``[low + 1e-6, high - 1e-6]`` in the
-        forward pass while the gradient passes as if unclamped.
-        """
+    def _sample_action(
+        self, latent: torch.Tensor, params: TensorDictBase
+    ) -> torch.Tensor:
+        """:meth:`sample_action` with the given actor parameters."""
         return self._sample_action_and_std(latent, params)[0]
 
-    def _actor_output(self, latent: torch.Tensor, params: TensorDictBase) -> TensorDictBase:
-        """The actor's output at ``latent``: the mean ``action`` (and ``action_std`` if it learns one)."""
-        with params.to_module(self.actor_network, preserve_module_state=False):
-            return self.actor_network(TensorDict({self.tensor_keys.latent: latent}, batch_size=latent.shape[:-1]))
-
-    def _sample_action_and_std(self, latent: torch.Tensor, params: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_sample_action`, also returning the std it sampled with (the actor's, if it learns one)."""
+    def _actor_mean_and_std(
+        self, latent: torch.Tensor, params: TensorDictBase
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's mean action and the std actions are sampled with around it."""
         keys = self.tensor_keys
-        output = self._actor_output(latent, params)
+        with params.to_module(self.actor_network, preserve_module_state=False):
+            output = self.actor_network(
+                TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1])
+            )
         mean = output.get(keys.action)
         std = output.get(keys.action_std, None)
         if std is None:
             if self.entropy_coef > 0:
                 raise ValueError(
-                    f"entropy_coef={self.entropy_coef} needs an actor that learns its std and writes "
-                    f"{keys.action_std!r}, e.g. make_alm_modules(..., actor_std='learned')."
+                    f"entropy_coef={self.entropy_coef} needs an actor that learns its std "
+                    f"and writes {keys.action_std!r}, e.g. "
+                    "make_alm_modules(..., actor_std='learned')."
                 )
             std = self.actor_std.expand_as(mean)
+        return mean, std
+
+    def _sample_action_and_std(
+        self, latent: torch.Tensor, params: TensorDictBase
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_sample_action`, also returning the std it sampled with."""
+        mean, std = self._actor_mean_and_std(latent, params)
         noise = std * torch.randn_like(mean)
         if self.noise_clip is not None:
             noise = noise.clamp(-self.noise_clip, self.noise_clip)
         action = mean + noise
-        clamped = torch.maximum(torch.minimum(action, self.action_high - 1e-6), self.action_low + 1e-6)
+        clamped = torch.maximum(
+            torch.minimum(action, self.action_high - 1e-6), self.action_low + 1e-6
+        )
         return action + (clamped - action).detach(), std
+
+    def _actor_step(
+        self, latent: torch.Tensor, params: TensorDictBase, sample: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sample:
+            return self._sample_action_and_std(latent, params)
+        return self._actor_mean_and_std(latent, params)
 
     def _shape_reward(self, reward: torch.Tensor) -> torch.Tensor:
         """The rewards of the model and actor objectives: raw, or ``a (log(r + a) - log a)`` (Appendix A.8)."""
@@ -574,9 +688,13 @@ class ALMLoss(LossModule):
             )
         missing = [key for key in self.in_keys if key not in tensordict.keys(True)]
         if missing:
-            raise KeyError(f"ALMLoss input is missing the entries {missing}; expected {self.in_keys}.")
+            raise KeyError(
+                f"ALMLoss input is missing the entries {missing}; expected {self.in_keys}."
+            )
 
-    def _check_latent_sizes(self, observation: torch.Tensor, action: torch.Tensor) -> None:
+    def _check_latent_sizes(
+        self, observation: torch.Tensor, action: torch.Tensor
+    ) -> None:
         """Fails once, with a clear message, if the networks disagree on the latent size."""
         if self._latent_sizes_checked:
             return
@@ -584,7 +702,9 @@ class ALMLoss(LossModule):
         with torch.no_grad():
             latent = self._encode(observation[:1], self.encoder_params).mean
             try:
-                next_latent = self._predict_next_latent(latent, action[:1], self.world_model_params).mean
+                next_latent = self._predict_next_latent(
+                    latent, action[:1], self.world_model_params
+                ).mean
             except RuntimeError as err:
                 raise ValueError(
                     f"The encoder's latent (size {latent.shape[-1]}) does not fit the world model, "
@@ -614,14 +734,18 @@ class ALMLoss(LossModule):
 
     def _target_encoder_dist_params(self, batch: _SliceBatch) -> TensorDictBase:
         """Target-encoder distribution parameters for s_0..s_K (``[B, K + 1]``), no gradient."""
-        observations = torch.cat([batch.observation[:, :1], batch.next_observation], dim=1)
+        observations = torch.cat(
+            [batch.observation[:, :1], batch.next_observation], dim=1
+        )
         with torch.no_grad():
             return self._encoder_dist_params(observations, self.target_encoder_params)
 
     def _reduce(self, loss: torch.Tensor, batch: _SliceBatch) -> torch.Tensor:
         """Reduces a per-slice loss (``[B]``), honouring masks and priority weights at t = 0."""
         return self._reduce_loss(
-            loss, tensordict=batch.first_step, weights=self._maybe_get_priority_weight(batch.first_step)
+            loss,
+            tensordict=batch.first_step,
+            weights=self._maybe_get_priority_weight(batch.first_step),
         )
 
     # ------------------------------------------------------------------ the five losses
@@ -632,16 +756,26 @@ class ALMLoss(LossModule):
         latent = online_dist.rsample()
         latents, kls = [], []
         for t in range(batch.horizon):
-            prior = self._predict_next_latent(latent, batch.action[:, t], self.world_model_params)
-            posterior = self.encoder.build_dist_from_params(target_dist_params[:, t + 1])
+            prior = self._predict_next_latent(
+                latent, batch.action[:, t], self.world_model_params
+            )
+            posterior = self.encoder.build_dist_from_params(
+                target_dist_params[:, t + 1]
+            )
             kls.append(_kl_divergence(prior, posterior))
             latents.append(latent)
             latent = prior.rsample()
         kl = torch.stack(kls, dim=1)  # [B, K]
         # Reward model frozen: its gradient flows into the latents only.
         model_reward = self._shape_reward(
-            self._predict_reward(torch.stack(latents, dim=1), batch.action, self._cached_detached_reward_model_params)
-        ).squeeze(-1)  # [B, K]
+            self._predict_reward(
+                torch.stack(latents, dim=1),
+                batch.action,
+                self._cached_detached_reward_model_params,
+            )
+        ).squeeze(
+            -1
+        )  # [B, K]
         # Eq. 7: sum_t (KL_t - r_t) - Q(z_K, a_K), undiscounted over the K steps (footnote 2).
         kl_term = kl.sum(1) if self.kl_term else torch.zeros_like(model_reward[:, 0])
         loss = kl_term - model_reward.sum(1)
@@ -653,18 +787,29 @@ class ALMLoss(LossModule):
         }
         if self.value_term:
             # a_K ~ pi(sg(z_K)) with no gradient into the actor; the critics are frozen too.
-            last_action = self._sample_action(latent.detach(), self._cached_detached_actor_network_params)
-            model_value = self._qvalues(latent, last_action, self._cached_detached_qvalue_network_params)
-            model_value = model_value.min(0).values.squeeze(-1)  # [B]
+            last_action = self._sample_action(
+                latent.detach(), self._cached_detached_actor_network_params
+            )
+            model_value = self._min_qvalue(
+                latent, last_action, self._cached_detached_qvalue_network_params
+            ).squeeze(
+                -1
+            )  # [B]
             loss = loss - model_value
             metadata["model_value"] = model_value.detach().mean()
         metadata["model_value_term"] = (
-            -metadata["model_value"] if self.value_term else torch.zeros((), device=loss.device)
+            -metadata["model_value"]
+            if self.value_term
+            else torch.zeros((), device=loss.device)
         )
         return self._reduce(loss, batch), metadata
 
-    def _reward_loss(self, batch: _SliceBatch, latent: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        predicted = self._predict_reward(latent, batch.action[:, 0], self.reward_model_params)
+    def _reward_loss(
+        self, batch: _SliceBatch, latent: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        predicted = self._predict_reward(
+            latent, batch.action[:, 0], self.reward_model_params
+        )
         error = (predicted - batch.reward[:, 0]).squeeze(-1)
         # Eq. 11: MSE to the environment's reward.
         loss = error.pow(2)
@@ -681,9 +826,15 @@ class ALMLoss(LossModule):
             ).sample()
         # Exactly half of the batch gets the model's next latent (label 0, "fake").
         is_real = torch.ones(batch_size, dtype=torch.bool, device=latent.device)
-        is_real[torch.randperm(batch_size, device=latent.device)[: batch_size // 2]] = False
-        mixed_next_latent = torch.where(is_real.unsqueeze(-1), next_latent, fake_next_latent)
-        logits = self._classify(latent, action, mixed_next_latent, self.classifier_params)
+        is_real[
+            torch.randperm(batch_size, device=latent.device)[: batch_size // 2]
+        ] = False
+        mixed_next_latent = torch.where(
+            is_real.unsqueeze(-1), next_latent, fake_next_latent
+        )
+        logits = self._classify(
+            latent, action, mixed_next_latent, self.classifier_params
+        )
         labels = is_real.long()
         # Eq. 9: cross-entropy of real (encoder) vs fake (model) next latents.
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -695,8 +846,12 @@ class ALMLoss(LossModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         keys = self.tensor_keys
         with torch.no_grad():
-            next_action = self._sample_action(next_latent, self._cached_detached_actor_network_params)
-            next_value = self._qvalues(next_latent, next_action, self.target_qvalue_network_params).min(0).values
+            next_action = self._sample_action(
+                next_latent, self._cached_detached_actor_network_params
+            )
+            next_value = self._min_qvalue(
+                next_latent, next_action, self.target_qvalue_network_params
+            )
             transition = TensorDict(
                 {
                     "next": {
@@ -710,110 +865,307 @@ class ALMLoss(LossModule):
             )
             # y = r + gamma * (1 - terminated) * min_i Q_target_i(z', a')
             target_value = self.value_estimator.value_estimate(transition)  # [B, 1]
-        qvalues = self._qvalues(latent, batch.action[:, 0], self.qvalue_network_params)  # [N, B, 1]
+        qvalues = self._qvalues(
+            latent, batch.action[:, 0], self.qvalue_network_params
+        )  # [N, B, 1]
+        squared_errors = (qvalues - target_value).pow(2).squeeze(-1)  # [N, B]
         # Eq. 10, averaged over the critics: (MSE(Q1, y) + MSE(Q2, y)) / 2 for two.
-        loss = (qvalues - target_value).pow(2).mean(0).squeeze(-1)
-        metadata = {"q_mean": qvalues.detach().mean(), "target_q_mean": target_value.detach().mean()}
+        loss = squared_errors.mean(0)
+        metadata = {
+            "td_error": squared_errors.detach().max(0).values,
+            "q_mean": qvalues.detach().mean(),
+            "target_q_mean": target_value.detach().mean(),
+        }
         return self._reduce(loss, batch), metadata
 
-    def _imagine(self, latent: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rolls the current actor through the frozen world model for ``horizon`` steps.
+    def _imagined_rewards(
+        self, rollout: TensorDictBase
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward model and classifier reward of each imagined step t < K (``[*B, K, 1]``).
 
-        Returns latents z_0..z_K, actions a_0..a_K and the actor's stds at z_0..z_{K-1}, each
-        stacked on dim 1. Actions are sampled from pi(sg(z_t)); z_{t+1} is a reparameterised
-        sample of m(z_t, a_t), so the gradient of later steps reaches earlier actions through
-        the model. a_K only feeds the critics as sg(a_K), so it is sampled without a graph.
+        Both networks are frozen; the reward's gradient reaches z_t and a_t, the classifier
+        sees sg(z_{t+1}).
         """
-        latents, actions, stds = [latent], [], []
-        for _ in range(horizon):
-            action, std = self._sample_action_and_std(latent.detach(), self.actor_network_params)
-            latent = self._predict_next_latent(latent, action, self._cached_detached_world_model_params).rsample()
-            actions.append(action)
-            stds.append(std)
-            latents.append(latent)
-        with torch.no_grad():
-            actions.append(self._sample_action(latent, self._cached_detached_actor_network_params))
-        return torch.stack(latents, dim=1), torch.stack(actions, dim=1), torch.stack(stds, dim=1)
+        keys = self.tensor_keys
+        latents, actions = rollout.get(keys.latent), rollout.get(keys.action)
+        current_latents, current_actions = latents[..., :-1, :], actions[..., :-1, :]
+        reward = self._predict_reward(
+            current_latents, current_actions, self._cached_detached_reward_model_params
+        )
+        logits = self._classify(
+            current_latents,
+            current_actions,
+            latents[..., 1:, :].detach(),
+            self._cached_detached_classifier_params,
+        )
+        # log C / (1 - C) for the "real" class: the intrinsic KL reward of Eq. 8.
+        return reward, logits[..., 1:] - logits[..., :1]
 
     def _td3_actor_loss(
         self, batch: _SliceBatch, latent: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The "TD3 with ALM representations" ablation: -min_i Q_i(z, a), a ~ pi(z) with clipped noise."""
         action = self._sample_action(latent, self.actor_network_params)
-        qvalue = self._qvalues(latent, action, self._cached_detached_qvalue_network_params).min(0).values
+        qvalue = self._min_qvalue(
+            latent, action, self._cached_detached_qvalue_network_params
+        )
         loss = -qvalue.squeeze(-1)
         return self._reduce(loss, batch), {"actor_q": qvalue.detach().mean()}
 
-    def _actor_loss(self, batch: _SliceBatch, latent: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _actor_loss(
+        self, batch: _SliceBatch, latent: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.actor_objective == "td3":
             return self._td3_actor_loss(batch, latent)
+        keys = self.tensor_keys
         horizon = batch.horizon
-        latents, actions, stds = self._imagine(latent, horizon)  # [B, K + 1, Z], [B, K + 1, A], [B, K, A]
-        current_latents, current_actions = latents[:, :-1], actions[:, :-1]
-        imagined_reward = self._shape_reward(
-            self._predict_reward(current_latents, current_actions, self._cached_detached_reward_model_params)
-        )  # [B, K, 1]
-        logits = self._classify(
-            current_latents, current_actions, latents[:, 1:].detach(), self._cached_detached_classifier_params
-        )
-        # log C / (1 - C) for the "real" class: the intrinsic KL reward of Eq. 8.
-        classifier_reward = logits[..., 1:] - logits[..., :1]
+        rollout = self.imagine(latent, horizon)  # [B, K + 1]
+        imagined_reward, classifier_reward = self._imagined_rewards(rollout)
+        imagined_reward = self._shape_reward(imagined_reward)  # [B, K, 1]
         reward = imagined_reward + self.classifier_coef * classifier_reward
         metadata = {}
         if self.entropy_coef > 0:
-            # ALM-ENT: SAC's entropy bonus, the entropy of the actor's Gaussian at each imagined step.
-            entropy = (0.5 * math.log(2 * math.pi * math.e) + stds.log()).sum(-1, keepdim=True)  # [B, K, 1]
+            # ALM-ENT: SAC's entropy bonus, the entropy of the actor's Gaussian at each step.
+            stds = rollout.get(keys.action_std)[:, :-1]
+            entropy = (0.5 * math.log(2 * math.pi * math.e) + stds.log()).sum(
+                -1, keepdim=True
+            )  # [B, K, 1]
             reward = reward + self.entropy_coef * entropy
             metadata["actor_entropy"] = entropy.detach().mean()
         # The critics see sg(a_t): the actor's gradient comes through the latents only. The
         # lambda-returns read q_1..q_K (q_0 never enters them), so z_0 is not evaluated.
-        next_qvalues = self._qvalues(
-            latents[:, 1:], actions[:, 1:].detach(), self._cached_detached_qvalue_network_params
-        ).min(0).values  # [B, K, 1]
-        # One discount for the critic target and the imagined returns, set via make_value_estimator.
+        next_qvalues = self._min_qvalue(
+            rollout.get(keys.latent)[:, 1:],
+            rollout.get(keys.action)[:, 1:].detach(),
+            self._cached_detached_qvalue_network_params,
+        )  # [B, K, 1]
+        # One discount for the critic target and the imagined returns (make_value_estimator).
         gamma = self.value_estimator.gamma
         never = torch.zeros_like(reward, dtype=torch.bool)
         # Eq. 8: G_t = r_t + gamma ((1 - lambda) q_{t+1} + lambda G_{t+1}), with G_K = q_K.
         returns = td_lambda_return_estimate(
-            gamma, self.lmbda, next_qvalues, reward, done=never, terminated=never, time_dim=-2
+            gamma,
+            self.lmbda,
+            next_qvalues,
+            reward,
+            done=never,
+            terminated=never,
+            time_dim=-2,
         )  # [B, K, 1]
-        discounts = gamma ** torch.arange(horizon, device=returns.device, dtype=returns.dtype)
+        discounts = gamma ** torch.arange(
+            horizon, device=returns.device, dtype=returns.dtype
+        )
         loss = -(discounts * returns.squeeze(-1)).mean(1)
         metadata["imagined_reward"] = imagined_reward.detach().mean()
         metadata["classifier_reward"] = classifier_reward.detach().mean()
         return self._reduce(loss, batch), metadata
 
-    # ------------------------------------------------------------------ public API
-    def _single_step_latents(self, target_dist_params: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+    def _single_step_latents(
+        self, target_dist_params: TensorDictBase
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One target-encoder sample of z(s_0) and z(s_1), shared by the single-step losses."""
         with torch.no_grad():
-            latents = self.encoder.build_dist_from_params(target_dist_params[:, :2]).sample()
+            latents = self.encoder.build_dist_from_params(
+                target_dist_params[:, :2]
+            ).sample()
         return latents[:, 0], latents[:, 1]
 
-    def model_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    # ------------------------------------------------------------------ public API
+    def trained_parameters(self, loss_key: str) -> dict[str, torch.nn.Parameter]:
+        """The parameters the loss term ``loss_key`` trains, named as in ``named_parameters()``.
+
+        Each term reaches only the networks :attr:`LOSS_NETWORKS` lists for it, so an optimiser
+        per term (or per group of terms) steps exactly what that term trains.
+        """
+        if loss_key not in self.LOSS_NETWORKS:
+            raise KeyError(
+                f"Unknown loss term {loss_key!r}; expected one of {list(self.LOSS_NETWORKS)}."
+            )
+        prefixes = tuple(f"{name}_params." for name in self.LOSS_NETWORKS[loss_key])
+        return {
+            name: param
+            for name, param in self.named_parameters()
+            if name.startswith(prefixes)
+        }
+
+    def sample_action(self, latent: torch.Tensor) -> torch.Tensor:
+        """An action of the current actor at ``latent``, as the losses sample it.
+
+        The actor's mean plus Gaussian noise of std ``actor_std`` (or the actor's own std)
+        clipped to ``[-noise_clip, noise_clip]``, then clamped to
+        ``[low + 1e-6, high - 1e-6]`` in the forward pass while the gradient passes as if
+        unclamped: DrQ-v2/ALM's ``TruncatedNormal.sample(clip)``, not torchrl's
+        :class:`~torchrl.modules.TruncatedNormal`.
+        """
+        return self._sample_action(latent, self.actor_network_params)
+
+    def imagine(
+        self,
+        latent: torch.Tensor,
+        horizon: int,
+        *,
+        first_action: torch.Tensor | None = None,
+        sample_actions: bool = True,
+        sample_latents: bool = True,
+    ) -> TensorDictBase:
+        """Rolls the current actor through the frozen world model for ``horizon`` steps.
+
+        As in the actor loss (Eq. 8), by default: each action is drawn from pi(sg(z_t)) as
+        :meth:`sample_action` draws it, and z_{t+1} is a reparameterised sample of
+        m(z_t, a_t), so the gradient of later steps reaches earlier actions through the world
+        model, whose parameters get none. a_K only feeds the critics as sg(a_K), so it is
+        drawn without a graph.
+
+        Args:
+            latent (torch.Tensor): z_0, shape ``[*B, latent]``.
+            horizon (int): the number K of imagined steps.
+
+        Keyword Args:
+            first_action (torch.Tensor, optional): a_0, shape ``[*B, action]``, instead of
+                the actor's.
+            sample_actions (bool, optional): sample the actions; ``False`` takes the actor's
+                means. Defaults to ``True``.
+            sample_latents (bool, optional): sample the next latents; ``False`` takes the world
+                model's means. Defaults to ``True``.
+
+        Returns:
+            A TensorDict of batch size ``[*B, K + 1]`` holding z_0..z_K under the
+            ``latent`` key, a_0..a_K under ``action`` and the std each action was drawn with
+            under ``action_std`` (the keys of :attr:`tensor_keys`).
+        """
+        if horizon < 1:
+            raise ValueError(f"horizon must be a positive integer, got {horizon!r}.")
+        latents, actions, stds = [latent], [], []
+        for t in range(horizon):
+            if t == 0 and first_action is not None:
+                action, std = first_action, torch.zeros_like(first_action)
+            else:
+                action, std = self._actor_step(
+                    latent.detach(), self.actor_network_params, sample_actions
+                )
+            prior = self._predict_next_latent(
+                latent, action, self._cached_detached_world_model_params
+            )
+            latent = prior.rsample() if sample_latents else prior.mean
+            actions.append(action)
+            stds.append(std)
+            latents.append(latent)
+        with torch.no_grad():
+            action, std = self._actor_step(
+                latent, self._cached_detached_actor_network_params, sample_actions
+            )
+        actions.append(action)
+        stds.append(std)
+        keys = self.tensor_keys
+        return TensorDict(
+            {
+                keys.latent: torch.stack(latents, dim=-2),
+                keys.action: torch.stack(actions, dim=-2),
+                keys.action_std: torch.stack(stds, dim=-2),
+            },
+            batch_size=(*latents[0].shape[:-1], horizon + 1),
+        )
+
+    @torch.no_grad()
+    def lower_bound(
+        self,
+        observation: torch.Tensor,
+        horizon: int = 3,
+        action: torch.Tensor | None = None,
+        *,
+        target_encoder: bool = False,
+        sample_latents: bool = False,
+    ) -> torch.Tensor:
+        r"""The K-step lower bound of ALM at each state (the bias study of Appendix E, Fig. 4, 8).
+
+        .. math::
+
+            LB(s) = \sum_{t=0}^{K-1} \gamma^t \left(r(z_t, a_t) + c \log
+            \frac{C(z_t, a_t, z_{t+1})}{1 - C(z_t, a_t, z_{t+1})}\right)
+            + \gamma^K \min_i Q_i(z_K, a_K)
+
+        rolled out by :meth:`imagine` from z_0 ~ e(s) with the actor's mean actions, with
+        ``c`` the ``classifier_coef`` and ``gamma`` the value estimator's discount: the
+        objective of Eq. 8 with lambda = 1, evaluated instead of optimised.
+
+        Args:
+            observation (torch.Tensor): states, shape ``[*B, observation]``.
+            horizon (int, optional): K. Defaults to ``3`` (the paper's).
+            action (torch.Tensor, optional): a_0, shape ``[*B, action]`` (e.g. the action
+                taken there); defaults to the actor's mean.
+
+        Keyword Args:
+            target_encoder (bool, optional): encode with the target encoder (as the reference
+                code does) instead of the online one. Defaults to ``False``.
+            sample_latents (bool, optional): sample z_0 and every z_{t+1} (as the reference
+                code does) instead of taking means. Defaults to ``False``.
+
+        Returns:
+            One value per state, shape ``[*B]``.
+        """
+        encoder_params = (
+            self.target_encoder_params if target_encoder else self.encoder_params
+        )
+        dist = self._encode(observation, encoder_params)
+        latent = dist.rsample() if sample_latents else dist.mean
+        rollout = self.imagine(
+            latent,
+            horizon,
+            first_action=action,
+            sample_actions=False,
+            sample_latents=sample_latents,
+        )
+        reward, classifier_reward = self._imagined_rewards(rollout)
+        step_rewards = (reward + self.classifier_coef * classifier_reward).squeeze(-1)
+        gamma = float(self.value_estimator.gamma)
+        discounts = gamma ** torch.arange(
+            horizon + 1, device=latent.device, dtype=latent.dtype
+        )
+        last_value = self._min_qvalue(
+            rollout.get(self.tensor_keys.latent)[..., -1, :],
+            rollout.get(self.tensor_keys.action)[..., -1, :],
+            self._cached_detached_qvalue_network_params,
+        ).squeeze(-1)
+        return (discounts[:-1] * step_rewards).sum(-1) + discounts[-1] * last_value
+
+    def model_loss(
+        self, tensordict: TensorDictBase
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 7: the encoder and world-model loss over the K recorded steps of each slice."""
         batch = self._prepare(tensordict)
         return self._model_loss(batch, self._target_encoder_dist_params(batch))
 
-    def reward_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reward_loss(
+        self, tensordict: TensorDictBase
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 11: the reward model's regression loss on each slice's first transition."""
         batch = self._prepare(tensordict)
         latent, _ = self._single_step_latents(self._target_encoder_dist_params(batch))
         return self._reward_loss(batch, latent)
 
-    def classifier_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def classifier_loss(
+        self, tensordict: TensorDictBase
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 9: the classifier's real-vs-model loss on each slice's first transition."""
         batch = self._prepare(tensordict)
-        latent, next_latent = self._single_step_latents(self._target_encoder_dist_params(batch))
+        latent, next_latent = self._single_step_latents(
+            self._target_encoder_dist_params(batch)
+        )
         return self._classifier_loss(batch, latent, next_latent)
 
-    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def qvalue_loss(
+        self, tensordict: TensorDictBase
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 10: the critics' TD(0) loss on each slice's first transition."""
         batch = self._prepare(tensordict)
-        latent, next_latent = self._single_step_latents(self._target_encoder_dist_params(batch))
+        latent, next_latent = self._single_step_latents(
+            self._target_encoder_dist_params(batch)
+        )
         return self._qvalue_loss(batch, latent, next_latent)
 
-    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def actor_loss(
+        self, tensordict: TensorDictBase
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 8: minus the lambda-returns of a K-step imagined rollout from each slice's start."""
         batch = self._prepare(tensordict)
         latent, _ = self._single_step_latents(self._target_encoder_dist_params(batch))
@@ -828,9 +1180,17 @@ class ALMLoss(LossModule):
         latent, next_latent = self._single_step_latents(target_dist_params)
         loss_model, metadata_model = self._model_loss(batch, target_dist_params)
         loss_reward, metadata_reward = self._reward_loss(batch, latent)
-        loss_classifier, metadata_classifier = self._classifier_loss(batch, latent, next_latent)
+        loss_classifier, metadata_classifier = self._classifier_loss(
+            batch, latent, next_latent
+        )
         loss_qvalue, metadata_qvalue = self._qvalue_loss(batch, latent, next_latent)
         loss_actor, metadata_actor = self._actor_loss(batch, latent)
+        # For a prioritized sampler: the slice's TD error, on each of its K transitions.
+        td_error = metadata_qvalue.pop("td_error")
+        tensordict.set(
+            self.tensor_keys.priority,
+            td_error.unsqueeze(-1).expand(tensordict.shape),
+        )
         out = TensorDict(
             loss_model=loss_model,
             loss_reward=loss_reward,

@@ -17,13 +17,10 @@ os.environ.setdefault("COMPOSITE_LP_AGGREGATE", "0")
 
 OBS_DIM, ACT_DIM, LATENT_DIM, HIDDEN_DIM = 5, 2, 4, 16
 
-# Which parameters each loss may train, by the prefix of loss.named_parameters().
+# Which parameters each loss may train, by the prefix of loss.named_parameters() (the loss's own map).
 LOSS_GROUPS = {
-    "loss_model": ("encoder_params.", "world_model_params."),
-    "loss_reward": ("reward_model_params.",),
-    "loss_classifier": ("classifier_params.",),
-    "loss_qvalue": ("qvalue_network_params.",),
-    "loss_actor": ("actor_network_params.",),
+    loss_key: tuple(f"{network}_params." for network in networks)
+    for loss_key, networks in ALMLoss.LOSS_NETWORKS.items()
 }
 
 

@@ -57,14 +57,71 @@ def test_outputs_losses_and_detached_diagnostics():
     assert out["latent_std"] >= 0.1  # the encoder's std is softly clamped above 0.1
 
 
-def test_input_left_unchanged():
+def test_input_left_unchanged_but_for_the_priorities():
     loss = tiny_loss()
     _with_updater(loss)
     batch = slice_batch()
     before = batch.clone()
     loss(batch)
-    assert set(batch.keys(True, True)) == set(before.keys(True, True))
-    assert (batch == before).all()
+    assert set(batch.keys(True, True)) == set(before.keys(True, True)) | {"td_error"}
+    assert (batch.exclude("td_error") == before).all()
+
+
+@pytest.mark.parametrize("num_qvalue_nets", [1, 3])
+def test_priorities_are_the_largest_squared_td_error_of_the_first_step_on_every_step_of_the_slice(
+    num_qvalue_nets,
+):
+    loss = tiny_loss(num_qvalue_nets=num_qvalue_nets, reduction="none")
+    _with_updater(loss)
+    batch = slice_batch()
+    out = loss(batch)
+    priority = batch["td_error"]
+    assert priority.shape == batch.shape and not priority.requires_grad
+    assert (priority == priority[:, :1]).all()
+    # loss_qvalue is the mean over critics of the same squared errors (Eq. 10); priority is their max.
+    if num_qvalue_nets == 1:
+        torch.testing.assert_close(priority[:, 0], out["loss_qvalue"])
+    else:
+        assert (priority[:, 0] >= out["loss_qvalue"] - 1e-6).all()
+        assert (priority[:, 0] <= num_qvalue_nets * out["loss_qvalue"] + 1e-6).all()
+        assert (priority[:, 0] > out["loss_qvalue"] + 1e-6).any()
+
+
+def _prioritized_samplers_available() -> bool:
+    try:
+        from torchrl.data import PrioritizedSliceSampler
+
+        PrioritizedSliceSampler(10, alpha=1.0, beta=1.0, slice_len=2)
+    except RuntimeError:  # torchrl's C++ segment trees did not load with this torch build
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _prioritized_samplers_available(), reason="torchrl's C++ segment trees are unavailable")
+def test_prioritized_slice_sampler_gets_the_priorities():
+    from torchrl.data import LazyTensorStorage, PrioritizedSliceSampler, TensorDictReplayBuffer
+
+    loss = tiny_loss()
+    _with_updater(loss)
+    episodes = 4
+    flat = slice_batch(batch_size=episodes, horizon=10, terminal_every=100).reshape(-1)
+    flat["episode"] = torch.arange(episodes).repeat_interleave(10)
+    buffer = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(100),
+        sampler=PrioritizedSliceSampler(100, alpha=1.0, beta=1.0, slice_len=3, traj_key="episode"),
+        batch_size=8 * 3,
+    )
+    buffer.extend(flat)
+    sample = buffer.sample().reshape(8, 3)
+    assert "priority_weight" in sample.keys()
+    loss(sample)
+    buffer.update_tensordict_priority(sample.reshape(-1))
+    stored = buffer.sampler._sum_tree  # what the sampler draws slice starts from
+    sampled = sample["index"].reshape(-1)
+    torch.testing.assert_close(
+        torch.tensor([stored[int(i)] for i in sampled]),
+        (sample["td_error"].reshape(-1) + buffer.sampler._eps).pow(1.0),
+    )
 
 
 @pytest.mark.parametrize("loss_key", LOSS_KEYS)
@@ -295,6 +352,18 @@ def test_single_critic_module_is_expanded():
     assert loss.qvalue_network_params["module", "net", "0", "weight"].shape[0] == 3
 
 
+def test_a_list_of_one_critic_is_trained():
+    loss = tiny_loss(num_qvalue_nets=1)  # make_alm_modules gives a list of one critic
+    _with_updater(loss)
+    critic = {name: p for name, p in loss.named_parameters() if name.startswith("qvalue_network_params.")}
+    assert critic and all(p.shape[0] == 1 for p in critic.values())
+    before = {name: p.detach().clone() for name, p in critic.items()}
+    optimizer = torch.optim.Adam(loss.parameters(), lr=1e-2)
+    loss(slice_batch())["loss_qvalue"].backward()
+    optimizer.step()
+    assert all(not torch.equal(before[name], p) for name, p in critic.items() if name.endswith("weight"))
+
+
 def test_value_estimator_gamma_and_unsupported_estimators():
     loss = tiny_loss()
     loss.make_value_estimator(gamma=0.9)
@@ -314,9 +383,9 @@ def test_schedulable_actor_std_and_noise_clip():
     # With std 0 the sampled action is the actor's mean; with a clip it stays within it.
     latent = torch.randn(64, LATENT_DIM)
     loss.actor_std = 0.0
-    mean = loss._sample_action(latent, loss.actor_network_params)
+    mean = loss.sample_action(latent)
     loss.actor_std = 100.0
-    noisy = loss._sample_action(latent, loss.actor_network_params)
+    noisy = loss.sample_action(latent)
     assert ((noisy - mean).abs() <= 0.3 + 1e-5).all()
     assert (noisy.abs() < 1.0).all()  # clamped inside [low + 1e-6, high - 1e-6]
 
@@ -328,13 +397,13 @@ def test_straight_through_clamp_keeps_gradient():
         bias.fill_(1.0)
     latent = torch.randn(16, LATENT_DIM)
     loss.actor_std = 100.0  # the noise is then +-0.3 after clipping
-    action = loss._sample_action(latent, loss.actor_network_params)
+    action = loss.sample_action(latent)
     assert (action <= 1.0 - 1e-6 + 1e-7).all()
     action.sum().backward()
     clamped_grad = bias.grad.clone()
     loss.zero_grad()
     loss.actor_std = 0.0
-    loss._sample_action(latent, loss.actor_network_params).sum().backward()
+    loss.sample_action(latent).sum().backward()
     # The clamp is invisible to the gradient: it equals the gradient of the unclamped mean.
     torch.testing.assert_close(clamped_grad, bias.grad)
 
