@@ -414,6 +414,13 @@ def make_alm_modules(
         raise ValueError(f"classifier_type must be 'mlp' or 'linear', got {classifier_type!r}.")
     if actor_std not in ("scheduled", "learned"):
         raise ValueError(f"actor_std must be 'scheduled' or 'learned', got {actor_std!r}.")
+    for name, value, valid, expected in (
+        ("noise_end", noise_end, lambda x: x >= 0, ">= 0 (paper: 0.1)"),
+        ("noise_init", noise_init, lambda x: x >= noise_end, f">= noise_end ({noise_end}) (paper: 1.0)"),
+        ("noise_annealing_frames", noise_annealing_frames, lambda x: x >= 1, ">= 1 (paper: 100000)"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+            raise ValueError(f"{name} must be a number {expected}, got {value!r}.")
     observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation")
     action_spec = _unbatched_leaf_spec(action_spec, action_key, "action", required_type=Bounded)
     if device is not None:

@@ -32,9 +32,9 @@ def make_replay_buffer(
     sampled (``strict_length=True``), so the batch size is always exact.
     """
     if slice_len < 1:
-        raise ValueError(f"slice_len must be >= 1, got {slice_len}")
+        raise ValueError(f"slice_len must be >= 1 (the slice length K; paper: 3), got {slice_len}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"batch_size must be >= 1 (slices per batch; paper: 512), got {batch_size}")
     if size < slice_len:
         raise ValueError(f"size must be >= slice_len ({slice_len}), got {size}")
     return TensorDictReplayBuffer(

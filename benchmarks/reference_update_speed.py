@@ -32,7 +32,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from alm_torchrl.training import configure_cpu_runtime
+from alm_torchrl.runtime import configure_cpu_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from update_speed import cpu_model, gflop_per_call, update_timings  # noqa: E402  (benchmarks/ is not a package)

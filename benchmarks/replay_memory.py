@@ -2,10 +2,11 @@
 
 Run twice, as a resumed run would: ``save`` builds the recipe's modules, loss, optimizer and buffer for Humanoid-v5
 at the paper's settings, fills the whole buffer with Humanoid-shaped transitions (obs 348, action 17; the keys the
-recipe stores), runs a few updates and writes the recipe's checkpoint; ``restore`` is a fresh process that resumes
-from it as ``checkpoint.resume`` does (:func:`alm_torchrl.training.resume_training`: the checkpoint memory-mapped,
-the buffer copied out of it) and then trains. Each prints one JSON line with the seconds it took to fill (save) or
-to resume (restore), the process's peak resident set and, at the end, its anonymous and file-backed parts.
+recipe stores), runs a few updates and writes the recipe's checkpoint (``save_seconds``); ``restore`` is a fresh
+process that resumes from it as ``checkpoint.resume`` does (``TrainingCheckpoints.load``: the buffer's memory-mapped
+files copied into its storage, then released) and then trains. Each prints one JSON line with the seconds it took to
+fill (save) or to resume (restore), the process's peak resident set and, at the end, its anonymous and file-backed
+parts. Everything is built by the recipe's factories (``recipes/alm/utils.py``).
 
     python benchmarks/replay_memory.py save /tmp/alm_ckpt && python benchmarks/replay_memory.py restore /tmp/alm_ckpt
 """
@@ -19,29 +20,22 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
-from torchrl.objectives import SoftUpdate
-
-from alm_torchrl.envs import make_env
-from alm_torchrl.replay import TRAJ_KEY, sample_slices
-from alm_torchrl.training import (
-    CHECKPOINT_FILENAME,
-    checkpoint_state,
-    configure_cpu_runtime,
-    make_loss,
-    make_modules,
-    make_optimizers,
-    make_recipe_replay_buffer,
-    make_update,
-    resume_training,
-    save_checkpoint,
-)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from update_speed import fill_buffer, torchrl_logs_to_stderr  # noqa: E402  (benchmarks/ is not a package)
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "alm"
+from alm_torchrl.envs import make_env  # noqa: E402
+from alm_torchrl.replay import TRAJ_KEY, sample_slices  # noqa: E402
+from recipes.alm.utils import (  # noqa: E402  (update_speed puts the repository root on sys.path)
+    checkpoint_metadata,
+    configure_runtime,
+    load_config,
+    make_checkpoints,
+    make_learner,
+    make_replay_buffer,
+)
+
 ENV_NAME, EPISODE, UPDATES = "Humanoid-v5", 1000, 3
 
 
@@ -77,17 +71,13 @@ def main(mode: str, directory: str) -> None:
     if mode not in ("save", "restore"):
         sys.exit(f"replay_memory.py: mode must be 'save' or 'restore', got {mode!r}")
     torchrl_logs_to_stderr()
-    with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"env.name={ENV_NAME}", "collector.device=cpu"])
-    configure_cpu_runtime(cfg.compile.num_threads)
+    cfg = load_config(f"env.name={ENV_NAME}", "collector.device=cpu", f"checkpoint.dir={directory}")
+    configure_runtime(cfg)
     device = torch.device("cpu")
     env = make_env(cfg.env.name)
-    modules = make_modules(cfg, env, device)
-    loss = make_loss(cfg, modules, device)
-    optimizer = make_optimizers(loss, cfg.optim.lr)
-    update = make_update(loss, optimizer, SoftUpdate(loss, tau=cfg.loss.tau), max_grad_norm=cfg.optim.max_grad_norm)
-    replay_buffer = make_recipe_replay_buffer(cfg, device)
-    checkpoint = Path(directory) / CHECKPOINT_FILENAME
+    learner = make_learner(cfg, env, device, check_every=1)
+    replay_buffer = make_replay_buffer(cfg, device)
+    checkpoints = make_checkpoints(cfg, learner, replay_buffer)
 
     start = time.perf_counter()
     if mode == "save":
@@ -95,20 +85,19 @@ def main(mode: str, directory: str) -> None:
         replay_buffer.extend(episode)
         fill_buffer(replay_buffer, episode, EPISODE)
     else:
-        resume_training(checkpoint, loss=loss, optimizer=optimizer, exploration_noise=modules.exploration_noise,
-                        replay_buffer=replay_buffer, device=device)
+        checkpoints.load(directory, device=device)
     seconds = time.perf_counter() - start
     for _ in range(UPDATES):
-        update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+        learner.update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+    save_seconds = None
     if mode == "save":
-        save_checkpoint(checkpoint, checkpoint_state(
-            cfg, collected_frames=len(replay_buffer), num_updates=UPDATES, loss=loss, optimizer=optimizer,
-            exploration_noise=modules.exploration_noise, replay_buffer=replay_buffer,
-        ))
+        start = time.perf_counter()
+        checkpoints.save(len(replay_buffer), checkpoint_metadata(cfg, len(replay_buffer), UPDATES))
+        save_seconds = time.perf_counter() - start
     stored = replay_buffer.storage._storage
     bytes_per_transition = sum(t.element_size() * t[0].numel() for t in stored.values(True, True))
     print(json.dumps({"mode": mode, "env": ENV_NAME, "transitions": len(replay_buffer),
-                      "bytes_per_transition": bytes_per_transition, "seconds": seconds,
+                      "bytes_per_transition": bytes_per_transition, "seconds": seconds, "save_seconds": save_seconds,
                       "updates_after": UPDATES, **memory_gib()}))
 
 

@@ -1,7 +1,7 @@
 """Time ALM's full update (five losses, backward, optimizer step, target update) as the recipe builds it.
 
 Builds env, modules, loss, optimizer, update, replay buffer and collector with the recipe's own config
-(``recipes/alm/config.yaml``) and factories (``alm_torchrl.training``), fills the buffer from the real MuJoCo env
+(``recipes/alm/config.yaml``) and factories (``recipes/alm/utils.py``), fills the buffer from the real MuJoCo env
 with the recipe's random warm-up, then reports, as one JSON line on stdout:
 
 - the update: ``ms_per_update_median`` (and p10/p90/mean) and ``updates_per_s`` (from the median), each update
@@ -40,27 +40,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
-from torchrl.objectives import SoftUpdate
 
-from alm_torchrl.envs import make_env
-from alm_torchrl.replay import TRAJ_KEY, sample_slices
-from alm_torchrl.training import (
-    configure_cpu_runtime,
-    evaluate,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for recipes.alm.utils
+from alm_torchrl.envs import make_env  # noqa: E402
+from alm_torchrl.evaluation import evaluate  # noqa: E402
+from alm_torchrl.replay import TRAJ_KEY, sample_slices  # noqa: E402
+from alm_torchrl.runtime import configure_cpu_runtime  # noqa: E402
+from recipes.alm.utils import (  # noqa: E402
+    ConfigError,
+    configure_runtime,
+    load_config,
     make_collector,
-    make_loss,
-    make_modules,
-    make_optimizers,
-    make_recipe_replay_buffer,
-    make_update,
+    make_environment,
+    make_learner,
+    make_replay_buffer,
     resolve_device,
     updates_per_batch,
     validate_config,
 )
-
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "alm"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_config(args: argparse.Namespace):
-    overrides = [
+    return load_config(
         f"env.name={args.env}",
         f"env.seed={args.seed}",
         f"collector.device={args.device}",
@@ -115,9 +113,7 @@ def recipe_config(args: argparse.Namespace):
         *([f"compile.compile_mode={args.compile_mode}"] if args.compile_mode else []),
         *([f"compile.num_threads={args.threads}"] if args.threads else []),
         *args.overrides,
-    ]
-    with initialize_config_dir(config_dir=str(RECIPE_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    )
 
 
 def cpu_model() -> str:
@@ -184,39 +180,31 @@ def fill_buffer(replay_buffer, example: TensorDict, traj_len: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torchrl_logs_to_stderr()
-    cfg = recipe_config(args)
     try:
+        cfg = recipe_config(args)
         validate_config(cfg)
-    except ValueError as err:
+        device = resolve_device(cfg)
+        if args.default_malloc:  # the recipe's threads without its malloc tuning, to measure what that buys
+            configure_cpu_runtime(cfg.compile.num_threads, keep_freed_memory=False)
+        else:
+            configure_runtime(cfg)
+    except ConfigError as err:
         sys.exit(f"update_speed.py: invalid config: {err}")
-    device = resolve_device(cfg.collector.device)
-    configure_cpu_runtime(cfg.compile.num_threads, keep_freed_memory=not args.default_malloc)
     torch.manual_seed(cfg.env.seed)
 
-    env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
-    modules = make_modules(cfg, env, device)
-    loss = make_loss(cfg, modules, device)
-    if args.critics != "auto":
-        loss.deactivate_vmap = args.critics == "loop"
-        loss._make_vmap()
-    optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
-    if args.adam_foreach:
-        groups = [{"params": group["params"], "name": group["name"]} for group in optimizer.param_groups]
-        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, foreach=True)
-    num_updates_per_batch = updates_per_batch(cfg)
+    env, eval_env = make_environment(cfg)
     # The recipe checks the norms once per collected batch; a non-fused Adam can only be checked before every step.
-    check_every = args.check_every or (1 if args.adam_foreach else num_updates_per_batch)
-    update = make_update(
-        loss,
-        optimizer,
-        SoftUpdate(loss, tau=cfg.loss.tau),
-        max_grad_norm=cfg.optim.max_grad_norm,
-        compile=cfg.compile.compile,
-        compile_mode=cfg.compile.compile_mode,
-        cudagraphs=cfg.compile.cudagraphs,
+    check_every = args.check_every or (1 if args.adam_foreach else updates_per_batch(cfg))
+    learner = make_learner(
+        cfg,
+        env,
+        device,
+        deactivate_vmap=None if args.critics == "auto" else args.critics == "loop",
+        fused_optimizer=not args.adam_foreach,
         check_every=check_every,
     )
-    replay_buffer = make_recipe_replay_buffer(cfg, device)
+    loss, update = learner.loss, learner.update
+    replay_buffer = make_replay_buffer(cfg, device)
     keys = [*loss.in_keys, TRAJ_KEY]
     result: dict = {
         "env": cfg.env.name,
@@ -236,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The recipe's random warm-up fills the buffer; timing it gives the collector's speed with random actions.
     warmup_frames = cfg.collector.init_random_frames
-    collector = make_collector(cfg, env, modules.policy, device)
+    collector = make_collector(cfg, env, learner.agent.policy, device)
     batches = iter(collector)
     start = time.perf_counter()
     collected = 0
@@ -291,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
             data = next(batches)
             replay_buffer.extend(data.reshape(-1).select(*keys))
             loop_frames += data.numel()
-            for _ in range(num_updates_per_batch):
+            for _ in range(updates_per_batch(cfg)):
                 update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
         synchronize(device)
         result["loop_frames_per_s"] = loop_frames / (time.perf_counter() - start)
@@ -299,12 +287,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.evaluations:
         num_episodes = cfg.logger.num_eval_episodes
-        eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps,
-                            num_envs=1 if args.serial_eval else num_episodes)
+        if args.serial_eval:  # one env, one episode after the other, instead of the recipe's side-by-side copies
+            eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps)
         durations = []
         for _ in range(args.evaluations):
             start = time.perf_counter()
-            evaluation = evaluate(eval_env, modules.eval_policy, num_episodes, cfg.env.max_episode_steps)
+            evaluation = evaluate(eval_env, learner.agent.eval_policy, num_episodes, cfg.env.max_episode_steps)
             durations.append(time.perf_counter() - start)
         eval_env.close()
         result.update({

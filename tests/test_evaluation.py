@@ -11,12 +11,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from alm_torchrl import make_alm_modules
 from alm_torchrl.envs import make_env
-from alm_torchrl.lower_bound import (
-    discounted_returns,
-    lower_bound_bias,
-    lower_bound_estimate,
-    normalised_bias,
-)
+from alm_torchrl.evaluation import discounted_returns, lower_bound_bias, normalised_bias
 from alm_torchrl.objectives import ALMLoss
 
 from conftest import OBS_DIM, tiny_loss, tiny_modules
@@ -44,7 +39,7 @@ def hand_lower_bound(modules, observation, horizon, gamma, coef, first_action=No
 
     def latent(loc_scale):
         loc, scale = loc_scale
-        return torch.distributions.Normal(loc, scale).sample() if sample else loc
+        return torch.distributions.Normal(loc, scale).rsample() if sample else loc
 
     with torch.no_grad():
         z = latent(encoder_head(observation))
@@ -64,12 +59,12 @@ def hand_lower_bound(modules, observation, horizon, gamma, coef, first_action=No
 def test_estimate_matches_hand_computation(num_qvalue_nets, horizon):
     loss, modules = tiny_loss_and_modules(num_qvalue_nets, classifier_coef=0.3, gamma=0.9)
     observation = torch.randn(6, OBS_DIM, generator=torch.Generator().manual_seed(3))
-    estimate = lower_bound_estimate(loss, observation, horizon)
+    estimate = loss.lower_bound(observation, horizon)
     assert estimate.shape == (6,)
     torch.testing.assert_close(estimate, hand_lower_bound(modules, observation, horizon, 0.9, 0.3))
     # A recorded first action replaces pi(z_0) and changes the estimate.
     first_action = torch.rand(6, 2, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    with_action = lower_bound_estimate(loss, observation, horizon, first_action)
+    with_action = loss.lower_bound(observation, horizon, first_action)
     torch.testing.assert_close(with_action, hand_lower_bound(modules, observation, horizon, 0.9, 0.3, first_action))
     assert not torch.allclose(with_action, estimate)
 
@@ -78,11 +73,11 @@ def test_estimate_with_sampled_latents_matches_hand_computation():
     loss, modules = tiny_loss_and_modules(classifier_coef=0.3, gamma=0.9)
     observation = torch.randn(6, OBS_DIM, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(11)
-    sampled = lower_bound_estimate(loss, observation, 3, sample_latents=True)
+    sampled = loss.lower_bound(observation, 3, sample_latents=True)
     torch.manual_seed(11)
     expected = hand_lower_bound(modules, observation, 3, 0.9, 0.3, sample=True)
     torch.testing.assert_close(sampled, expected)
-    assert not torch.allclose(sampled, lower_bound_estimate(loss, observation, 3))
+    assert not torch.allclose(sampled, loss.lower_bound(observation, 3))
 
 
 @pytest.mark.filterwarnings("ignore:No target network updater")
@@ -92,8 +87,8 @@ def test_target_encoder_option_uses_the_target_parameters():
         for value in loss.target_encoder_params.values(True, True):
             value.add_(0.3 * torch.randn_like(value))
     observation = torch.randn(6, OBS_DIM, generator=torch.Generator().manual_seed(3))
-    online = lower_bound_estimate(loss, observation, 2)
-    target = lower_bound_estimate(loss, observation, 2, target_encoder=True)
+    online = loss.lower_bound(observation, 2)
+    target = loss.lower_bound(observation, 2, target_encoder=True)
     with loss.target_encoder_params.to_module(modules.encoder):
         expected = hand_lower_bound(modules, observation, 2, 0.9, float(loss.classifier_coef))
     torch.testing.assert_close(target, expected)
@@ -106,19 +101,31 @@ def test_one_step_without_classifier_is_reward_plus_discounted_min_q():
     observation = torch.randn(5, OBS_DIM, generator=torch.Generator().manual_seed(7))
     keys = loss.tensor_keys
 
-    def actor_mean(z):
-        with loss.actor_network_params.to_module(loss.actor_network):
-            return loss.actor_network(TensorDict({keys.latent: z}, batch_size=z.shape[:-1])).get(keys.action)
+    def call(network, params, **entries):
+        with params.to_module(network):
+            return network(TensorDict(entries, batch_size=[5]))
 
-    with torch.no_grad():  # through the loss's own helpers, a different route from the hand computation above
-        z0 = loss._encode(observation, loss.encoder_params).mean
+    def dist(network, params, **entries):
+        with params.to_module(network):
+            return network.get_dist(TensorDict(entries, batch_size=[5]))
+
+    def actor_mean(z):
+        return call(loss.actor_network, loss.actor_network_params, **{keys.latent: z}).get(keys.action)
+
+    with torch.no_grad():  # the loss's networks called one by one, a different route from the hand computation
+        z0 = dist(loss.encoder, loss.encoder_params, **{keys.observation: observation}).mean
         a0 = actor_mean(z0)
-        z1 = loss._predict_next_latent(z0, a0, loss.world_model_params).mean
-        reward = loss._predict_reward(z0, a0, loss.reward_model_params)[:, 0]
-        qvalues = loss._qvalues(z1, actor_mean(z1), loss.qvalue_network_params)[..., 0]  # [2, B]
+        z1 = dist(loss.world_model, loss.world_model_params, **{keys.latent: z0, keys.action: a0}).mean
+        reward = call(loss.reward_model, loss.reward_model_params, **{keys.latent: z0, keys.action: a0})
+        reward = reward.get(keys.predicted_reward)[:, 0]
+        qvalues = torch.stack([
+            call(loss.qvalue_network, params, **{keys.latent: z1, keys.action: actor_mean(z1)})
+            .get(keys.state_action_value)[:, 0]
+            for params in loss.qvalue_network_params.unbind(0)
+        ])  # [2, B]
         expected = reward + 0.8 * qvalues.min(0).values
     assert not torch.allclose(qvalues[0], qvalues[1])  # the min picks between two different critics
-    torch.testing.assert_close(lower_bound_estimate(loss, observation, 1), expected)
+    torch.testing.assert_close(loss.lower_bound(observation, 1), expected)
 
 
 def test_discounted_returns_match_double_loop():
@@ -196,7 +203,7 @@ def test_bias_uses_the_recorded_states_actions_and_whole_episode_returns(pendulu
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
         rollout = env.rollout(40, modules.eval_policy, break_when_any_done=True)
     observation, action = rollout["observation"][:25], rollout["action"][:25]
-    lower_bound = lower_bound_estimate(loss, observation, 2, action, target_encoder=True)
+    lower_bound = loss.lower_bound(observation, 2, action, target_encoder=True)
     rewards = rollout["next", "reward"][:, 0].tolist()  # the returns look past the first 25 states
     returns = torch.tensor([sum(0.99 ** (j - t) * rewards[j] for j in range(t, 40)) for t in range(25)])
     assert result["num_states"] == 25
@@ -205,7 +212,7 @@ def test_bias_uses_the_recorded_states_actions_and_whole_episode_returns(pendulu
     bias_mean, bias_std = normalised_bias(lower_bound, returns)
     assert result["lower_bound_bias_mean"] == pytest.approx(bias_mean, rel=1e-4)
     assert result["lower_bound_bias_std"] == pytest.approx(bias_std, rel=1e-4)
-    assert not torch.allclose(lower_bound, lower_bound_estimate(loss, observation, 2, target_encoder=True))
+    assert not torch.allclose(lower_bound, loss.lower_bound(observation, 2, target_encoder=True))
 
 
 @pytest.mark.parametrize(
@@ -261,8 +268,8 @@ def test_bad_arguments_are_one_line_value_errors(kwargs, name):
 
 def test_bad_inputs_of_the_helpers():
     loss = tiny_loss()
-    with pytest.raises(ValueError, match="^horizon must be a positive integer, got 0$"):
-        lower_bound_estimate(loss, torch.randn(2, OBS_DIM), 0)
+    with pytest.raises(ValueError, match=r"^horizon must be a positive integer, got 0\.$"):
+        loss.lower_bound(torch.randn(2, OBS_DIM), 0)
     with pytest.raises(ValueError, match="gamma must be in"):
         discounted_returns(torch.ones(3), 1.5)
     with pytest.raises(ValueError, match="one episode"):

@@ -16,23 +16,18 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.objectives import SoftUpdate
 
+from alm_torchrl.checkpoint import ReplayBufferAdapter, TrainingCheckpoints
 from alm_torchrl.envs import make_env, rollout_episodes
+from alm_torchrl.evaluation import evaluate
 from alm_torchrl.replay import make_replay_buffer
-from alm_torchrl.training import (
-    GROUP_LOSSES,
-    OPTIMIZER_GROUPS,
-    NonFiniteGradientError,
-    evaluate,
-    load_checkpoint,
+from alm_torchrl.update import OPTIMIZER_GROUPS, NonFiniteGradientError, make_optimizer, make_update
+from recipes.alm.utils import (
+    ConfigError,
+    load_config,
+    make_checkpoints,
     make_collector,
-    make_loss,
-    make_modules,
-    make_optimizers,
-    make_recipe_replay_buffer,
-    make_update,
-    restore_replay_buffer,
-    resume_training,
-    save_checkpoint,
+    make_learner,
+    make_replay_buffer as make_recipe_replay_buffer,
     validate_config,
 )
 
@@ -69,8 +64,18 @@ def smoke_runs(tmp_path_factory) -> dict[str, Path]:
         run_dir = tmp_path_factory.mktemp(env_name)
         result = _run(*SMOKE, f"env.name={env_name}", run_dir=run_dir)
         assert result.returncode == 0, result.stderr[-3000:]
+        (run_dir / "stderr.txt").write_text(result.stderr)
         runs[env_name] = run_dir
     return runs
+
+
+def _restored(checkpoint: Path, *overrides: str) -> tuple[dict, object, object]:
+    """A checkpoint loaded into fresh training objects built by the recipe's factories: (metadata, learner, buffer)."""
+    cfg = load_config(*TINY, *overrides)
+    learner = make_learner(cfg, make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps), torch.device("cpu"))
+    replay_buffer = make_recipe_replay_buffer(cfg, torch.device("cpu"))
+    metadata = make_checkpoints(cfg, learner, replay_buffer).load(checkpoint)
+    return metadata, learner, replay_buffer
 
 
 @pytest.mark.parametrize("env_name", ["HalfCheetah-v5", "Pendulum-v1"])
@@ -81,14 +86,25 @@ def test_recipe_logs_evaluates_and_checkpoints(smoke_runs, env_name):
         assert (scalars / f"{name}.csv").is_file(), name
     eval_rows = (scalars / "eval" / "return_mean.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in eval_rows] == ["150", "300"]
-    state = load_checkpoint(run_dir / "checkpoints")
-    assert state["env_name"] == env_name
-    assert state["collected_frames"] == 300
+    # One checkpoint kept (the 150-frame one was replaced by the 300-frame one).
+    assert [path.name for path in (run_dir / "checkpoints").iterdir()] == ["checkpoint-000000000300"]
+    metadata, learner, replay_buffer = _restored(run_dir / "checkpoints", f"env.name={env_name}")
+    assert metadata["env_name"] == env_name
+    assert metadata["collected_frames"] == 300 and len(replay_buffer) == 300
     # Updates start once 100 frames are stored: 21 batches of 10 frames, UTD 1.
-    assert state["num_updates"] == 210
+    assert metadata["num_updates"] == 210
     # The loss samples with the behaviour policy's std: 200 frames into a 1.0 -> 0.1 anneal over 100k frames.
-    assert state["loss"]["actor_std"].item() == pytest.approx(1.0 - 0.9 * 200 / 100_000)
-    assert state["exploration_noise"]["sigma"].item() == pytest.approx(state["loss"]["actor_std"].item())
+    assert learner.loss.actor_std.item() == pytest.approx(1.0 - 0.9 * 200 / 100_000)
+    assert learner.agent.exploration_noise.sigma.item() == pytest.approx(learner.loss.actor_std.item())
+
+
+def test_recipe_prints_no_torchrl_info_lines(smoke_runs):
+    log = (smoke_runs["Pendulum-v1"] / "stderr.txt").read_text()
+    assert "[torchrl][INFO]" not in log and "frames/s" in log  # the progress bar, and nothing from TorchRL
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("checkpoint-*"))
 
 
 def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
@@ -98,10 +114,9 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
                 "logger.eval_iter=100000", run_dir=first),
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    checkpoint = first / "checkpoints" / "checkpoint.pt"
     try:
         deadline = time.monotonic() + 60
-        while not checkpoint.exists():
+        while not _checkpoint_dirs(first):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 60 s"
             time.sleep(0.2)
@@ -110,9 +125,8 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
         proc.wait()
         proc.stderr.close()
     saved_dir = tmp_path / "saved"
-    saved_dir.mkdir()
-    shutil.copy(checkpoint, saved_dir / "checkpoint.pt")  # the checkpoint as the kill left it
-    saved = load_checkpoint(saved_dir)
+    shutil.copytree(first / "checkpoints", saved_dir)  # the checkpoints as the kill left them
+    saved, _, saved_buffer = _restored(saved_dir, "env.name=Pendulum-v1")
     frames = saved["collected_frames"]
     assert frames >= 150 and frames % 150 < 10
 
@@ -121,23 +135,17 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
                   "logger.eval_iter=100000", f"checkpoint.resume={saved_dir}", run_dir=second)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at frame {frames}" in result.stderr
-    resumed = load_checkpoint(second / "checkpoints")
+    resumed, resumed_learner, resumed_buffer = _restored(second / "checkpoints", "env.name=Pendulum-v1")
     assert resumed["collected_frames"] == frames + 50
     assert resumed["num_updates"] == saved["num_updates"] + 50
-    assert resumed["exploration_noise"]["sigma"] < saved["exploration_noise"]["sigma"]
+    assert resumed_learner.agent.exploration_noise.sigma < 1.0 - 0.9 * (frames - 100) / 100_000
 
-    old_data, new_data = _stored_transitions(saved), _stored_transitions(resumed)
+    old_data, new_data = saved_buffer.storage[: len(saved_buffer)], resumed_buffer.storage[: len(resumed_buffer)]
     assert (len(old_data), len(new_data)) == (frames, frames + 50)
     assert (new_data[:frames] == old_data).all()
     traj_key = ("collector", "traj_ids")
     # New trajectories get fresh ids, so no slice can join the killed run's last episode to the new one.
     assert new_data[frames:][traj_key].min() > old_data[traj_key].max()
-
-
-def _stored_transitions(state: dict) -> TensorDictBase:
-    buffer = make_replay_buffer(size=100_000, batch_size=8, slice_len=3)
-    restore_replay_buffer(buffer, state["replay_buffer"], torch.device("cpu"))
-    return buffer.storage[: len(buffer)]
 
 
 @pytest.mark.parametrize(
@@ -149,8 +157,10 @@ def _stored_transitions(state: dict) -> TensorDictBase:
         (["loss.horizon=60", "env.max_episode_steps=50"], "loss.horizon=60 is longer than any episode"),
         (["collector.init_random_frames=2", "loss.horizon=3"], "cannot fill one slice of loss.horizon=3"),
         (["replay_buffer.size=100", "optim.batch_size=512"], "replay_buffer.size=100 is smaller than one batch"),
+        (["optim.lr=abc"], "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        (["loss.lmbda=1.5"], "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.5"),
         (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
-        (["checkpoint.resume=/nonexistent/ckpt"], "no checkpoint at '/nonexistent/ckpt/checkpoint.pt'"),
+        (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),
         pytest.param(["collector.device=cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
     ],
@@ -200,18 +210,20 @@ def test_resume_of_a_finished_run_fails(smoke_runs, tmp_path):
 
 def test_optimizer_groups_cover_every_parameter_once():
     loss = tiny_loss()
-    optimizer = make_optimizers(loss, lr=1e-4)
+    optimizer = make_optimizer(loss, lr=1e-4)
     names = {id(p): name for name, p in loss.named_parameters()}
     groups = {group["name"]: {names[id(p)] for p in group["params"]} for group in optimizer.param_groups}
     assert sorted(name for group in groups.values() for name in group) == sorted(names.values())
-    prefixes = {name: tuple(p.split(".")[0] for p in group) for name, group in groups.items()}
-    assert set(prefixes["model"]) == {"encoder_params", "world_model_params"}
-    assert set(prefixes["reward_classifier"]) == {"reward_model_params", "classifier_params"}
-    assert set(LOSS_GROUPS) == {"loss_model", "loss_reward", "loss_classifier", "loss_qvalue", "loss_actor"}
-    # Every loss's gradient lands in exactly one named group, the one the error message names.
-    assert sorted(loss for losses in GROUP_LOSSES.values() for loss in losses) == sorted(LOSS_GROUPS)
-    for group, losses in GROUP_LOSSES.items():
-        assert {p for loss in losses for p in LOSS_GROUPS[loss]} == set(OPTIMIZER_GROUPS[group])
+    prefixes = {name: {p.split(".")[0] for p in group} for name, group in groups.items()}
+    # ALM's four optimisers (spec): encoder + world model, reward model + classifier, critics, actor.
+    assert prefixes == {
+        "model": {"encoder_params", "world_model_params"},
+        "reward_classifier": {"reward_model_params", "classifier_params"},
+        "qvalue": {"qvalue_network_params"},
+        "actor": {"actor_network_params"},
+    }
+    # Every loss term's parameters land in exactly one named group, the one the error message names.
+    assert sorted(key for keys in OPTIMIZER_GROUPS.values() for key in keys) == sorted(LOSS_GROUPS)
 
 
 def _nan_gradient_once(loss) -> None:
@@ -229,8 +241,7 @@ def _nan_gradient_once(loss) -> None:
 
 def _foreach_adam(loss) -> torch.optim.Adam:
     """The recipe's four named groups in a non-fused Adam, which cannot skip a step on the device."""
-    groups = [{"params": g["params"], "name": g["name"]} for g in make_optimizers(loss, lr=1e-3).param_groups]
-    return torch.optim.Adam(groups, lr=1e-3, foreach=True)
+    return make_optimizer(loss, lr=1e-3, fused=False)
 
 
 def _snapshot(loss, optimizer) -> tuple[dict, list]:
@@ -250,7 +261,7 @@ def _assert_unchanged(loss, optimizer, snapshot) -> None:
 def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters_alone(optimizer_kind):
     loss = tiny_loss()
     # foreach: no on-device skip, so the update checks before the step
-    optimizer = _foreach_adam(loss) if optimizer_kind == "foreach" else make_optimizers(loss, lr=1e-3)
+    optimizer = _foreach_adam(loss) if optimizer_kind == "foreach" else make_optimizer(loss, lr=1e-3)
     with warnings.catch_warnings():  # without CUDA, CudaGraphModule warns and runs eagerly (its plumbing is tested)
         warnings.simplefilter("ignore", UserWarning)
         update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005),
@@ -269,7 +280,7 @@ def test_update_names_the_group_with_a_non_finite_gradient_and_leaves_parameters
 
 def test_update_checking_every_few_updates_skips_the_bad_step_and_raises_at_the_check():
     loss = tiny_loss()
-    optimizer = make_optimizers(loss, lr=1e-3)
+    optimizer = make_optimizer(loss, lr=1e-3)
     update = make_update(loss, optimizer, SoftUpdate(loss, tau=0.005), check_every=3)
     update(slice_batch())
     before = _snapshot(loss, optimizer)
@@ -285,8 +296,8 @@ def test_update_checking_every_few_updates_skips_the_bad_step_and_raises_at_the_
 def test_update_refuses_what_it_cannot_check():
     loss = tiny_loss()
     foreach = _foreach_adam(loss)
-    with pytest.raises(ValueError, match="check_every=0"):
-        make_update(loss, make_optimizers(loss, lr=1e-3), SoftUpdate(loss, tau=0.005), check_every=0)
+    with pytest.raises(ValueError, match="check_every must be a number of updates >= 1, got 0"):
+        make_update(loss, make_optimizer(loss, lr=1e-3), SoftUpdate(loss, tau=0.005), check_every=0)
     with pytest.raises(ValueError, match="need a fused optimizer"):
         make_update(loss, foreach, SoftUpdate(loss, tau=0.005), check_every=2)
     with pytest.raises(ValueError, match="need a fused optimizer"):
@@ -294,14 +305,11 @@ def test_update_refuses_what_it_cannot_check():
 
 
 def test_compile_also_compiles_the_behaviour_policy_of_the_collector():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, "env.name=Pendulum-v1", "compile.compile=true",
-                                                       "collector.init_random_frames=10", "collector.total_frames=40"])
+    cfg = load_config(*TINY, "env.name=Pendulum-v1", "compile.compile=true", "collector.init_random_frames=10",
+                      "collector.total_frames=40")
     env = make_env(cfg.env.name, seed=0, max_episode_steps=cfg.env.max_episode_steps)
-    modules = make_modules(cfg, env, torch.device("cpu"))
-    collector = make_collector(cfg, env, modules.policy, torch.device("cpu"))
+    learner = make_learner(cfg, env, torch.device("cpu"))
+    collector = make_collector(cfg, env, learner.agent.policy, torch.device("cpu"))
     assert collector.compiled_policy and not collector.cudagraphed_policy
     batches = list(collector)  # 10 random frames, then 30 from the compiled policy
     collector.shutdown()
@@ -309,39 +317,107 @@ def test_compile_also_compiles_the_behaviour_policy_of_the_collector():
     assert batches[-1]["latent"].shape == (10, 4)  # the policy's own outputs reach the stored batch
 
 
-def test_save_checkpoint_is_atomic(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"frames": 1})
-    with pytest.raises(Exception):
-        save_checkpoint(path, {"frames": 2, "unpicklable": lambda: None})
-    assert load_checkpoint(path) == {"frames": 1}
-    assert list(tmp_path.iterdir()) == [path]
+class _Blocking:
+    """A checkpoint component whose save writes a file, then waits forever: a save that a kill interrupts."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+
+class _BlockingAdapter(ReplayBufferAdapter):
+    adapter_id = "test.blocking"
+
+    def save(self, component, path, *, args, kwargs):
+        path.mkdir(parents=True)
+        (path / "partial").write_bytes(b"x" * 1000)
+        component.marker.touch()
+        time.sleep(600)
+
+
+KILLED_MID_WRITE = """
+import sys, torch
+from pathlib import Path
+from tensordict import TensorDict
+sys.path[:0] = [sys.argv[2], str(Path(sys.argv[2]).parent)]
+from test_recipe import _Blocking, _BlockingAdapter, _small_checkpoints
+checkpoints, _ = _small_checkpoints(Path(sys.argv[1]))
+checkpoints.save(100, {"frames": 100})
+checkpoints.checkpoint.register("blocking", _Blocking(Path(sys.argv[1]) / "marker"), adapter=_BlockingAdapter())
+checkpoints.save(200, {"frames": 200})
+"""
+
+
+def _small_checkpoints(directory: Path) -> tuple[TrainingCheckpoints, torch.nn.Module]:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    buffer = make_replay_buffer(size=50, batch_size=2, slice_len=3)
+    buffer.extend(TensorDict({"observation": torch.randn(20, 3), ("collector", "traj_ids"): torch.zeros(20).long()},
+                             batch_size=[20]))
+    checkpoints = TrainingCheckpoints(directory / "checkpoints", loss=net,
+                                      optimizer=torch.optim.Adam(net.parameters()), replay_buffer=buffer)
+    return checkpoints, net
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_keeps_the_last_finished_one(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path), str(Path(__file__).parent)],
+                            env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "marker").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    directory = tmp_path / "checkpoints"
+    assert any(".stage-" in path.name for path in directory.iterdir())  # the unfinished write
+    assert TrainingCheckpoints.find(directory).name == "checkpoint-000000000100"
+    checkpoints, net = _small_checkpoints(tmp_path)
+    with torch.no_grad():
+        net.weight.zero_()
+    assert checkpoints.load(directory) == {"frames": 100}
+    assert net.weight.abs().sum() > 0  # restored
+    checkpoints.save(300, {"frames": 300})  # the next save clears what the kill left
+    assert [path.name for path in directory.iterdir()] == ["checkpoint-000000000300"]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    checkpoints, _ = _small_checkpoints(tmp_path)
+    first = checkpoints.save(100, {"frames": 100})
+
+    def disk_full(self, component, path, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ReplayBufferAdapter, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.save(200, {"frames": 200})
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [first.name]
+    assert TrainingCheckpoints.metadata(tmp_path / "checkpoints") == {"frames": 100}
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
 def test_resume_restores_the_state_keeps_the_optimizer_settings_and_releases_the_checkpoint(smoke_runs):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*SMOKE, "env.name=Pendulum-v1"])
+    cfg = load_config(*SMOKE, "env.name=Pendulum-v1")
     env = make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps)
-    modules = make_modules(cfg, env, torch.device("cpu"))
-    loss = make_loss(cfg, modules, torch.device("cpu"))
+    learner = make_learner(cfg, env, torch.device("cpu"))
     # Settings the run was not saved with: the checkpoint's state is restored, the optimizer keeps these.
-    optimizer = make_optimizers(loss, 3e-4, capturable=True)
+    optimizer = make_optimizer(learner.loss, 3e-4, capturable=True)
     replay_buffer = make_recipe_replay_buffer(cfg, torch.device("cpu"))
-    checkpoint = smoke_runs["Pendulum-v1"] / "checkpoints" / "checkpoint.pt"
-    frames_and_updates = resume_training(checkpoint, loss=loss, optimizer=optimizer, replay_buffer=replay_buffer,
-                                         exploration_noise=modules.exploration_noise, device=torch.device("cpu"))
-    assert frames_and_updates == (300, 210) and len(replay_buffer) == 300
-    saved = load_checkpoint(checkpoint)
-    moments = [value["exp_avg"] for value in saved["optimizer"]["state"].values()]
-    assert all(torch.equal(value["exp_avg"], moment) for value, moment in zip(optimizer.state.values(), moments))
+    checkpoints = TrainingCheckpoints(smoke_runs["Pendulum-v1"] / "checkpoints", loss=learner.loss,
+                                      optimizer=optimizer, replay_buffer=replay_buffer,
+                                      exploration_noise=learner.agent.exploration_noise)
+    metadata = checkpoints.load(smoke_runs["Pendulum-v1"] / "checkpoints")
+    assert (metadata["collected_frames"], metadata["num_updates"]) == (300, 210) and len(replay_buffer) == 300
+    steps = {float(state["step"]) for state in optimizer.state.values()}
+    assert steps == {210.0}  # Adam's step counts (and moments) come from the checkpoint
+    assert all(state["exp_avg"].abs().sum() > 0 for state in optimizer.state.values())
     assert all(group["lr"] == 3e-4 and group["capturable"] for group in optimizer.param_groups)
     assert [group["name"] for group in optimizer.param_groups] == list(OPTIMIZER_GROUPS)
-    # Had a tensor of the checkpoint survived (Optimizer.load_state_dict keeps CPU tensors as they are), its file
-    # would stay mapped, and every page of it the replay buffer's copy read would stay resident for the whole run.
-    assert str(checkpoint.resolve()) not in Path("/proc/self/maps").read_text()
+    # Had a tensor of the checkpoint survived, its file would stay mapped, and every page of it the replay buffer's
+    # copy read would stay resident for the whole run.
+    assert str(smoke_runs["Pendulum-v1"] / "checkpoints") not in Path("/proc/self/maps").read_text()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -352,22 +428,34 @@ def test_resume_restores_the_state_keeps_the_optimizer_settings_and_releases_the
                                 "with replay_buffer.size=100000"),
 ])
 def test_resume_with_other_networks_or_buffer_capacity_is_one_clear_error(smoke_runs, override, message):
-    from hydra import compose, initialize_config_dir
-
     resume = smoke_runs["Pendulum-v1"] / "checkpoints"
     resumed = [*SMOKE, "env.name=Pendulum-v1", "collector.total_frames=400", f"checkpoint.resume={resume}"]
-    with initialize_config_dir(config_dir=str(RECIPE.parent), version_base="1.3"):
-        validate_config(compose(config_name="config", overrides=resumed))  # as saved: accepted
-        with pytest.raises(ValueError, match=re.escape(message)):
-            validate_config(compose(config_name="config", overrides=[*resumed, override]))
+    validate_config(load_config(*resumed))  # as saved: accepted
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(load_config(*resumed, override))
 
 
-def test_restore_replay_buffer_puts_the_transitions_on_the_buffer_device():
+def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(smoke_runs, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(smoke_runs["Pendulum-v1"] / "checkpoints", damaged)
+    (manifest,) = damaged.glob("*/manifest.json")
+    manifest.write_text(manifest.read_text()[:100])  # truncated
+    resumed = [*SMOKE, "env.name=Pendulum-v1", "collector.total_frames=400"]
+    with pytest.raises(ConfigError, match="no checkpoint there"):  # the damaged one is skipped; none is left
+        validate_config(load_config(*resumed, f"checkpoint.resume={damaged}"))
+    with pytest.raises(ConfigError, match="unreadable checkpoint: Invalid checkpoint manifest"):
+        validate_config(load_config(*resumed, f"checkpoint.resume={manifest.parent}"))
+
+
+def test_replay_buffer_adapter_puts_the_transitions_on_the_buffer_device(tmp_path):
+    from torchrl.checkpoint import Checkpoint
+
     source = make_replay_buffer(size=50, batch_size=2, slice_len=3)
     source.extend(TensorDict({"observation": torch.randn(20, 3), ("collector", "traj_ids"): torch.zeros(20).long()},
                              batch_size=[20]))
-    # "meta" stands in for cuda: a fresh lazy storage would otherwise adopt the checkpoint's CPU tensors.
+    Checkpoint().register("buffer", source, adapter=ReplayBufferAdapter()).save(tmp_path / "checkpoint")
+    # "meta" stands in for cuda: the transitions must land on the buffer's device, not the files' CPU.
     target = make_replay_buffer(size=50, batch_size=2, slice_len=3, device="meta")
-    restore_replay_buffer(target, source.state_dict(), torch.device("meta"))
-    assert len(target) == 20
+    Checkpoint().register("buffer", target, adapter=ReplayBufferAdapter()).load(tmp_path / "checkpoint")
+    assert len(target) == 20 and target.writer._cursor == 20
     assert {tensor.device.type for tensor in target.storage[:20].values(True, True)} == {"meta"}

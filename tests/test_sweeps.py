@@ -21,7 +21,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from alm_torchrl.envs import check_env_name, replay_buffer_size_for
-from alm_torchrl.training import load_checkpoint
+from alm_torchrl.checkpoint import TrainingCheckpoints
 
 from conftest import TINY_RECIPE as TINY
 
@@ -164,7 +164,7 @@ def _check_job_dirs(sweep_dir: Path, *extra_overrides: str) -> dict[int, list[st
         (csv,) = job_dir.glob("alm_logging/*/scalars/eval/return_mean.csv")
         rows = [row.split(",") for row in csv.read_text().splitlines()]
         assert [step for step, _ in rows] == ["100", "200"]
-        assert load_checkpoint(job_dir / "checkpoints")["collected_frames"] == 200
+        assert TrainingCheckpoints.metadata(job_dir / "checkpoints")["collected_frames"] == 200
         evals[seed] = [value for _, value in rows]
     assert evals[0] != evals[1]  # each job got its own seed
     return evals

@@ -11,7 +11,6 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torchrl.data import Unbounded
 from torchrl.objectives import SoftUpdate
@@ -19,7 +18,8 @@ from torchrl.objectives import SoftUpdate
 from alm_torchrl import make_alm_modules
 from alm_torchrl.envs import make_env
 from alm_torchrl.objectives import ALMLoss
-from alm_torchrl.training import make_loss, make_modules, make_optimizers, make_update, validate_config
+from alm_torchrl.update import make_optimizer, make_update
+from recipes.alm.utils import ConfigError, load_config, make_alm_agent, make_learner, make_loss_module, validate_config
 
 from conftest import HIDDEN_DIM, LATENT_DIM, OBS_DIM, action_spec, slice_batch, tiny_loss
 
@@ -95,9 +95,6 @@ def test_td3_actor_objective_is_minus_the_min_q_of_the_actor_sample():
 
 
 def test_log_reward_form_is_the_appendix_a8_transform():
-    loss = tiny_loss(log_reward_shift=10.0)
-    reward = torch.tensor([-2.0, 0.0, 1.0, 5.0])
-    torch.testing.assert_close(loss._shape_reward(reward), 10.0 * (torch.log(reward + 10.0) - math.log(10.0)))
     _, default = _losses()
     _, small_shift = _losses(log_reward_shift=2.0)
     _, paper_shift = _losses(log_reward_shift=10_000.0)
@@ -177,7 +174,7 @@ def test_identity_encoder_has_no_parameters_and_the_latent_is_the_observation():
     torch.testing.assert_close(dist.mean, batch["observation"][:, 0])
     loss = ALMLoss(**modules.loss_kwargs())
     assert not any(name.startswith("encoder_params") for name, _ in loss.named_parameters())
-    update = make_update(loss, make_optimizers(loss, 1e-3), SoftUpdate(loss, tau=0.005))
+    update = make_update(loss, make_optimizer(loss, 1e-3), SoftUpdate(loss, tau=0.005))
     before = {name: p.detach().clone() for name, p in loss.named_parameters()}
     update(batch)
     assert all(not torch.equal(before[name], p) for name, p in loss.named_parameters())
@@ -192,7 +189,7 @@ def test_linear_classifier_is_one_linear_layer():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"actor_objective": "ddpg"}, "actor_objective must be 'svg' or 'td3', got 'ddpg'"),
-    ({"log_reward_shift": 0.0}, "log_reward_shift must be positive or None, got 0.0"),
+    ({"log_reward_shift": 0.0}, r"log_reward_shift must be a number > 0 or None \(paper: 10000\), got 0.0"),
 ])
 def test_bad_variant_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -200,10 +197,17 @@ def test_bad_variant_arguments(kwargs, message):
 
 
 def _config(*overrides: str):
-    from test_recipe import REPO
+    return load_config(*TINY, "env.name=Pendulum-v1", *overrides)
 
-    with initialize_config_dir(config_dir=str(REPO / "recipes" / "alm"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, "env.name=Pendulum-v1", *overrides])
+
+def _build(cfg) -> None:
+    """What alm.py does with a config before training: check it, set the runtime, build the learner and buffer."""
+    from recipes.alm.utils import configure_runtime, make_replay_buffer
+
+    validate_config(cfg)
+    configure_runtime(cfg)
+    make_learner(cfg, make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps), torch.device("cpu"))
+    make_replay_buffer(cfg, torch.device("cpu"))
 
 
 def test_every_ablation_is_a_recipe_switch():
@@ -212,60 +216,62 @@ def test_every_ablation_is_a_recipe_switch():
                   "loss.value_term=false", "loss.actor_objective=td3", "loss.log_reward_shift=10000",
                   "loss.classifier_coef=0", "loss.horizon=5", "network.actor_std=learned", "loss.entropy_coef=0.1")
     validate_config(cfg)
-    modules = make_modules(cfg, env, torch.device("cpu"))
-    loss = make_loss(cfg, modules, torch.device("cpu"))
+    modules = make_alm_agent(cfg, env, torch.device("cpu"))
+    loss = make_loss_module(cfg, modules, torch.device("cpu"))
     assert not list(modules.encoder.parameters())
     assert sum(isinstance(m, nn.Linear) for m in modules.classifier.modules()) == 1
     assert (loss.kl_term, loss.value_term, loss.actor_objective, loss.log_reward_shift) == (False, False, "td3", 1e4)
     assert float(loss.classifier_coef) == 0.0 and loss.entropy_coef == 0.1 and modules.exploration_noise is None
-    default = make_loss(_config(), make_modules(_config(), env, torch.device("cpu")), torch.device("cpu"))
+    default = make_loss_module(_config(), make_alm_agent(_config(), env, torch.device("cpu")), torch.device("cpu"))
     assert (default.kl_term, default.value_term, default.actor_objective, default.log_reward_shift) == (
         True, True, "svg", None)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("network.encoder=cnn", "network.encoder='cnn' is not one of mlp, identity"),
-    ("loss.actor_objective=sac", "loss.actor_objective='sac' is not one of svg, td3"),
-    ("loss.log_reward_shift=-1", "loss.log_reward_shift must be positive"),
+    ("network.encoder=cnn", "network.encoder must be 'mlp' or 'identity', got 'cnn'"),
+    ("loss.actor_objective=sac", "loss.actor_objective must be 'svg' or 'td3', got 'sac'"),
+    ("loss.log_reward_shift=-1", "loss.log_reward_shift must be a number > 0 or None (paper: 10000), got -1.0"),
     ("loss.entropy_coef=0.1", "needs an actor that learns its std: add network.actor_std=learned"),
 ])
 def test_bad_ablation_config_is_one_clear_error(override, message):
-    with pytest.raises(ValueError, match=message):
-        validate_config(_config(override))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _build(_config(override))
 
 
 @pytest.mark.parametrize("override", ["logger.eval_iter=0", "logger.num_eval_episodes=0", "checkpoint.interval=-5"])
 def test_intervals_and_eval_episodes_must_be_positive(override):
     key, value = override.split("=")
-    with pytest.raises(ValueError, match=f"^{key} must be a positive integer, got {value}$"):
+    with pytest.raises(ConfigError, match=f"^{key} must be a positive integer, got {value}$"):
         validate_config(_config(override))
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lr=0", "optim.lr must be a number > 0 (paper: 1e-4), got 0"),
+    ("optim.lr=0", "optim.lr must be a number > 0 (paper: 1e-4), got 0.0"),
     ("optim.gamma=1.5", "optim.gamma must be a number in (0, 1] (paper: 0.99), got 1.5"),
-    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be a number > 0 (paper: 100), got -1"),
-    ("loss.tau=0", "loss.tau must be a number in (0, 1] (paper: 0.005), got 0"),
-    ("loss.lmbda=abc", "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 'abc'"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be a number > 0 (paper: 100), got -1.0"),
+    ("loss.tau=0", "loss.tau must be a number in (0, 1] (paper: 0.005), got 0.0"),
+    ("loss.lmbda=abc", "loss.lmbda: Value 'abc' of type 'str' could not be converted to Float"),
+    ("loss.lmbda=1.01", "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.01"),
     ("loss.classifier_coef=-0.1", "loss.classifier_coef must be a number >= 0"),
-    ("exploration.noise_init=0.05", "exploration.noise_init must be a number >= exploration.noise_end=0.1"),
+    ("exploration.noise_init=0.05", "exploration.noise_init must be a number >= noise_end (0.1) (paper: 1.0)"),
     ("exploration.annealing_frames=0", "exploration.annealing_frames must be a number >= 1"),
-    ("collector.total_frames=0", "collector.total_frames must be a number >= 1, got 0"),
+    ("collector.total_frames=0", "collector.total_frames must be >= 1, got 0"),
+    ("compile.num_threads=0", "compile.num_threads must be a positive integer or None"),
 ])
 def test_out_of_range_numbers_are_one_clear_error(override, message):
-    with pytest.raises(ValueError, match="^" + re.escape(message)):
-        validate_config(_config(override))
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        _build(_config(override))
 
 
 @pytest.mark.parametrize("override", ["optim.gamma=1", "loss.lmbda=0", "loss.classifier_coef=0",
                                       "exploration.noise_init=0.1"])
 def test_numbers_at_the_edge_of_their_range_are_accepted(override):
-    validate_config(_config(override))
+    _build(_config(override))
 
 
 def test_unknown_logger_backend_is_one_clear_error():
-    with pytest.raises(ValueError, match="^logger.backend='tensorbord' is not one of csv, tensorboard, wandb, mlflow, "
-                                         "trackio, or empty"):
+    with pytest.raises(ConfigError, match="^logger.backend='tensorbord' is not one of csv, tensorboard, wandb, "
+                                          "mlflow, trackio, or empty"):
         validate_config(_config("logger.backend=tensorbord"))
     validate_config(_config("logger.backend=csv"))
     validate_config(_config("logger.backend="))
@@ -276,7 +282,7 @@ def test_logger_backend_without_its_package_is_one_clear_error(monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
-    with pytest.raises(ValueError, match="^logger.backend='wandb' needs the wandb package: pip install wandb$"):
+    with pytest.raises(ConfigError, match="^logger.backend='wandb' needs the wandb package: pip install wandb$"):
         validate_config(_config("logger.backend=wandb"))
 
 

@@ -4,11 +4,15 @@
     python recipes/alm/alm.py checkpoint.resume=outputs/HalfCheetah-v5/<run>/checkpoints
 
 Collect ``frames_per_batch`` steps with the noisy policy, store them, then run ``frames_per_batch * utd_ratio``
-updates on ``[batch_size, horizon]`` slices; evaluate, log and checkpoint on frame intervals.
+updates on ``[batch_size, horizon]`` slices; evaluate, log and checkpoint on frame intervals. The factories are in
+``utils.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -17,111 +21,94 @@ import hydra
 import numpy as np
 import torch
 import tqdm
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tensordict import TensorDict
 from torchrl import timeit
-from torchrl.objectives import SoftUpdate
-from torchrl.record.loggers import generate_exp_name, get_logger
 
-from alm_torchrl.envs import make_env
-from alm_torchrl.lower_bound import lower_bound_bias
+from alm_torchrl.evaluation import evaluate, lower_bound_bias
 from alm_torchrl.replay import TRAJ_KEY, sample_slices
-from alm_torchrl.training import (
-    NonFiniteGradientError,
-    checkpoint_state,
-    configure_cpu_runtime,
-    evaluate,
+from alm_torchrl.update import NonFiniteGradientError
+from utils import (
+    apply_schema,
+    checkpoint_metadata,
+    ConfigError,
+    configure_runtime,
+    log_metrics,
+    make_checkpoints,
     make_collector,
-    make_loss,
-    make_modules,
-    make_optimizers,
-    make_recipe_replay_buffer,
-    make_update,
+    make_environment,
+    make_learner,
+    make_logger,
+    make_replay_buffer,
     resolve_device,
-    resume_training,
-    save_checkpoint,
     updates_per_batch,
     validate_config,
 )
 
 torch.set_float32_matmul_precision("high")
 
+# Hydra's sweep launchers (joblib, submitit) run main() in worker processes, which must import utils.py as well.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+
+
+def exit_on_config_error(main):
+    """A bad config value ends the run with one ``alm.py: invalid config: ...`` line, before any training."""
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> None:
+        try:
+            main(cfg)
+        except ConfigError as err:
+            sys.exit(f"alm.py: invalid config: {err}")
+
+    return wrapper
+
 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")
+@exit_on_config_error
 def main(cfg: DictConfig) -> None:
     if cfg.checkpoint.resume:
         cfg.checkpoint.resume = hydra.utils.to_absolute_path(cfg.checkpoint.resume)
-    try:
-        validate_config(cfg)
-    except ValueError as err:
-        sys.exit(f"alm.py: invalid config: {err}")
-    device = resolve_device(cfg.collector.device)
-    configure_cpu_runtime(cfg.compile.num_threads)
+    cfg = apply_schema(cfg)
+    validate_config(cfg)
+    # The progress bar and real warnings only: no TorchRL INFO lines (spec checks, storage initialisation).
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+    device = resolve_device(cfg)
+    configure_runtime(cfg)
     timeit.reset()  # a process-pool launcher may run several jobs in one process
     torch.manual_seed(cfg.env.seed)
     np.random.seed(cfg.env.seed)
     random.seed(cfg.env.seed)
 
     # Environments: the env steps on the CPU (MuJoCo); the policy and learner run on `device`.
-    env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
-    # The evaluation episodes run side by side: one policy call per step for all of them.
-    eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps,
-                        num_envs=cfg.logger.num_eval_episodes)
+    train_env, eval_env = make_environment(cfg)
 
-    # Networks, loss, optimizers and the update step.
-    modules = make_modules(cfg, env, device)
-    loss = make_loss(cfg, modules, device)
-    target_updater = SoftUpdate(loss, tau=cfg.loss.tau)
-    optimizer = make_optimizers(loss, cfg.optim.lr, capturable=cfg.compile.cudagraphs)
-    num_updates_per_batch = updates_per_batch(cfg)
-    update = make_update(
-        loss,
-        optimizer,
-        target_updater,
-        max_grad_norm=cfg.optim.max_grad_norm,
-        compile=cfg.compile.compile,
-        compile_mode=cfg.compile.compile_mode,
-        cudagraphs=cfg.compile.cudagraphs,
-        # One host sync per batch of updates, not per update: a non-finite step is skipped on the device meanwhile.
-        check_every=num_updates_per_batch,
-    )
-
-    replay_buffer = make_recipe_replay_buffer(cfg, device)
+    # Networks, loss, target updater, optimizer and the update step; then the replay buffer.
+    learner = make_learner(cfg, train_env, device)
+    agent, loss, update = learner.agent, learner.loss, learner.update
+    replay_buffer = make_replay_buffer(cfg, device)
+    checkpoints = make_checkpoints(cfg, learner, replay_buffer)
 
     collected_frames = num_updates = 0
     traj_id_offset = 0
     if cfg.checkpoint.resume:
-        collected_frames, num_updates = resume_training(
-            cfg.checkpoint.resume,
-            loss=loss,
-            optimizer=optimizer,
-            exploration_noise=modules.exploration_noise,
-            replay_buffer=replay_buffer,
-            device=device,
-        )
+        stored = checkpoints.load(cfg.checkpoint.resume, device=device)
+        collected_frames, num_updates = stored["collected_frames"], stored["num_updates"]
         # New trajectory ids must not continue a stored trajectory, or the slice sampler would join them.
         traj_id_offset = int(replay_buffer.storage[: len(replay_buffer)].get(TRAJ_KEY).max()) + 1
-        env.set_seed(cfg.env.seed + collected_frames)
+        train_env.set_seed(cfg.env.seed + collected_frames)
         print(f"Resumed from {cfg.checkpoint.resume} at frame {collected_frames}", file=sys.stderr)
 
-    collector = make_collector(cfg, env, modules.policy, device, collected_frames)
-
-    logger = None
-    if cfg.logger.backend:
-        logger = get_logger(
-            cfg.logger.backend,
-            logger_name="alm_logging",
-            experiment_name=generate_exp_name("ALM", cfg.logger.exp_name),
-            wandb_kwargs={"config": OmegaConf.to_container(cfg, resolve=True), "project": "alm"},
-        )
-
-    checkpoint_path = Path(cfg.checkpoint.dir) / "checkpoint.pt"
+    collector = make_collector(cfg, train_env, agent.policy, device, collected_frames)
+    logger = make_logger(cfg)
+    num_updates_per_batch = updates_per_batch(cfg)
+    last_checkpoint, last_checkpoint_frames = None, None
 
     def checkpoint() -> None:
-        state = checkpoint_state(cfg, collected_frames=collected_frames, num_updates=num_updates, loss=loss,
-                                 optimizer=optimizer, exploration_noise=modules.exploration_noise,
-                                 replay_buffer=replay_buffer)
-        save_checkpoint(checkpoint_path, state)
+        nonlocal last_checkpoint, last_checkpoint_frames
+        if last_checkpoint_frames != collected_frames:
+            metadata = checkpoint_metadata(cfg, collected_frames, num_updates)
+            last_checkpoint, last_checkpoint_frames = checkpoints.save(collected_frames, metadata), collected_frames
 
     pbar = tqdm.tqdm(total=cfg.collector.total_frames, initial=collected_frames, unit="frames")
     # Running sums of the update metrics since the last log. Keeping every update's output alive instead
@@ -142,9 +129,9 @@ def main(cfg: DictConfig) -> None:
 
         if collected_frames >= cfg.collector.init_random_frames:
             # The noise anneals over the frames collected after the warm-up; the losses sample with the same std.
-            if modules.exploration_noise is not None:
-                modules.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
-                loss.actor_std = float(modules.exploration_noise.sigma)
+            if agent.exploration_noise is not None:
+                agent.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
+                loss.actor_std = float(agent.exploration_noise.sigma)
             for _ in range(num_updates_per_batch):
                 try:
                     batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
@@ -154,9 +141,10 @@ def main(cfg: DictConfig) -> None:
                     try:
                         update_metrics = update(batch)
                     except NonFiniteGradientError as err:
+                        kept = f"kept at {last_checkpoint}" if last_checkpoint else "none was written yet"
                         sys.exit(
                             f"alm.py: {err}, found at frame {collected_frames} (update {num_updates}); "
-                            f"the last good checkpoint is kept at {checkpoint_path.resolve()}"
+                            f"the last good checkpoint is {kept}"
                         )
                 metric_sums = update_metrics.clone() if metric_sums is None else metric_sums.add_(update_metrics)
                 num_pending_updates += 1
@@ -179,19 +167,16 @@ def main(cfg: DictConfig) -> None:
 
         if collected_frames // cfg.logger.eval_iter > previous_frames // cfg.logger.eval_iter:
             with timeit("eval"):
-                result = evaluate(eval_env, modules.eval_policy, cfg.logger.num_eval_episodes,
-                                  cfg.env.max_episode_steps)
+                result = evaluate(eval_env, agent.eval_policy, cfg.logger.num_eval_episodes, cfg.env.max_episode_steps)
             if cfg.logger.lower_bound_bias:
                 with timeit("eval_lower_bound"):
-                    result.update(lower_bound_bias(eval_env, loss, modules.eval_policy, cfg.logger.num_eval_episodes,
+                    result.update(lower_bound_bias(eval_env, loss, agent.eval_policy, cfg.logger.num_eval_episodes,
                                                    cfg.loss.horizon, max_steps=cfg.env.max_episode_steps))
             last_eval_return = result["return_mean"]
             metrics.update({f"eval/{key}": value for key, value in result.items()})
             pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")
 
-        if logger is not None:
-            for key, value in metrics.items():
-                logger.log_scalar(key, value, step=collected_frames)
+        log_metrics(logger, metrics, step=collected_frames)
         if collected_frames // cfg.checkpoint.interval > previous_frames // cfg.checkpoint.interval:
             checkpoint()
 

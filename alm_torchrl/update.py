@@ -1,0 +1,205 @@
+"""ALM's update step: its four optimisers as parameter groups of one Adam, and one gradient step.
+
+The reference code steps four Adam optimisers (encoder + world model, reward model + classifier, critics, actor),
+each clipping its own gradient norm. Here they are the named parameter groups of one fused Adam, filled from
+:attr:`ALMLoss.LOSS_NETWORKS <alm_torchrl.objectives.ALMLoss.LOSS_NETWORKS>` through
+:meth:`~alm_torchrl.objectives.ALMLoss.trained_parameters`, and one backward of the summed losses replaces four
+(ALMLoss isolates each loss's gradient to its own networks): ``tests/test_fast_update.py`` checks that this moves
+every parameter exactly as the sequential five-loss, four-optimiser update does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import CudaGraphModule
+from torchrl._utils import compile_with_warmup
+from torchrl.objectives import SoftUpdate
+
+from alm_torchrl.objectives import ALMLoss
+
+__all__ = ["OPTIMIZER_GROUPS", "NonFiniteGradientError", "make_optimizer", "make_target_updater", "make_update"]
+
+# ALM's four optimisers (spec, "Order and optimizers"), by the loss terms whose parameters each one steps.
+OPTIMIZER_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("loss_model",),
+    "reward_classifier": ("loss_reward", "loss_classifier"),
+    "qvalue": ("loss_qvalue",),
+    "actor": ("loss_actor",),
+}
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by the update when a parameter group's gradient norm is NaN or infinite; names the group and its losses.
+
+    ``skipped_updates`` counts the updates since the last check whose optimizer step was skipped for it (0 when the
+    error was raised before stepping).
+    """
+
+    def __init__(self, group: str, norm: float, skipped_updates: int = 0) -> None:
+        losses = " + ".join(OPTIMIZER_GROUPS.get(group, ()))
+        message = f"non-finite gradient norm ({norm}) from {losses or 'the losses'} in optimizer group {group!r}"
+        if skipped_updates:
+            message += f"; the optimizer step of {skipped_updates} update(s) since the last check was skipped"
+        super().__init__(message)
+        self.group = group
+        self.norm = norm
+        self.skipped_updates = skipped_updates
+
+
+def make_optimizer(
+    loss: ALMLoss, lr: float = 1e-4, *, capturable: bool = False, fused: bool = True
+) -> torch.optim.Adam:
+    """One Adam holding ALM's four optimisers as the named param groups of :data:`OPTIMIZER_GROUPS`.
+
+    A single optimizer gives the update one ``step()`` call site while keeping per-group gradient clipping (each group
+    carries its ``"name"``); what ``torchrl.objectives.group_optimizers`` would build from four Adams. Raises if a loss
+    parameter belongs to no group, so new parameters are never silently left untrained.
+
+    ``fused`` (the default) runs one kernel per group and lets :func:`make_update` skip a non-finite step on the
+    device; ``fused=False`` gives torch's foreach Adam. ``capturable`` keeps the step count on the device, which
+    replaying the step as a CUDA graph needs.
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be a number > 0 (paper: 1e-4), got {lr!r}")
+    groups = []
+    for group_name, loss_keys in OPTIMIZER_GROUPS.items():
+        params = [param for key in loss_keys for param in loss.trained_parameters(key).values()]
+        if not params:
+            raise ValueError(f"optimizer group {group_name!r} matched no parameter of the loss ({loss_keys})")
+        groups.append({"params": params, "name": group_name})
+    grouped = {id(param) for group in groups for param in group["params"]}
+    orphans = [name for name, param in loss.named_parameters() if id(param) not in grouped]
+    if orphans:
+        raise ValueError(f"loss parameters in no optimizer group: {orphans}")
+    if fused:
+        return torch.optim.Adam(groups, lr=lr, fused=True, capturable=capturable)
+    return torch.optim.Adam(groups, lr=lr, foreach=True, capturable=capturable)
+
+
+def make_target_updater(loss: ALMLoss, tau: float = 0.005) -> SoftUpdate:
+    """TorchRL's :class:`~torchrl.objectives.SoftUpdate` moving the target encoder and critics by ``tau`` per step.
+
+    Refuses ``tau = 0`` (the targets would never move), which ``SoftUpdate`` accepts.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+        raise ValueError(f"tau must be a number in (0, 1] (paper: 0.005), got {tau!r}")
+    return SoftUpdate(loss, tau=tau)
+
+
+def make_update(
+    loss: ALMLoss,
+    optimizer: torch.optim.Optimizer,
+    target_updater: SoftUpdate,
+    max_grad_norm: float = 100.0,
+    *,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    cudagraphs: bool = False,
+    check_every: int = 1,
+) -> Callable[[TensorDictBase], TensorDictBase]:
+    """Return ``update(batch)``: one ALM gradient step on a ``[B, K]`` slice batch, returning detached metrics.
+
+    All five losses are summed and back-propagated once (ALMLoss isolates each loss's gradient to its own group),
+    each optimizer group's gradient norm is clipped to ``max_grad_norm`` as in the reference code, then one optimizer
+    step and the Polyak target update.
+
+    A non-finite gradient norm raises :class:`NonFiniteGradientError` and never reaches the parameters. With a fused
+    optimizer (``make_optimizer`` builds one) the step of such an update is skipped on the device (fused Adam's
+    ``found_inf``, the protocol ``GradScaler`` uses), so the host need not read the norms before stepping: it reads
+    them every ``check_every`` updates, one sync each time, and the error comes at most ``check_every - 1`` updates
+    late (the finite updates in between are applied; the Polyak update runs on a skipped one, toward unchanged
+    parameters). On a GPU that lets the host queue several updates; on the CPU a sync is free. Any other optimizer is
+    checked before every step (``check_every`` must then be 1). A CUDA graph cannot branch on a value, so
+    ``cudagraphs`` needs the fused optimizer.
+
+    ``compile`` wraps the loss and backward in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager
+    warm-up call); ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be
+    built with ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
+    """
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be a number > 0 (paper: 100), got {max_grad_norm!r}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be a number of updates >= 1, got {check_every!r}")
+    skips_on_device = bool(optimizer.defaults.get("fused"))
+    if not skips_on_device and (cudagraphs or check_every > 1):
+        raise ValueError(
+            f"cudagraphs={cudagraphs}, check_every={check_every} need a fused optimizer (make_optimizer builds one), "
+            "which skips a non-finite step on the device; use cudagraphs=False, check_every=1 with this one"
+        )
+    group_names = [group["name"] for group in optimizer.param_groups]
+    device = optimizer.param_groups[0]["params"][0].device
+    # Per group since the last check: how many updates had a non-finite norm, and the last such norm. Device tensors
+    # updated in place, so a CUDA graph replays the writes.
+    nonfinite_counts = torch.zeros(len(group_names), dtype=torch.int64, device=device)
+    nonfinite_norms = torch.zeros(len(group_names), device=device)
+    skip_step = torch.zeros((), device=device)
+    if skips_on_device:
+        optimizer.found_inf = skip_step  # read by fused Adam's step(); 1 skips it and undoes its step count
+
+    def gradient_pass(batch: TensorDictBase) -> TensorDictBase:
+        losses = loss(batch)
+        total = sum(value for key, value in losses.items() if key.startswith("loss_"))
+        total.backward()
+        losses = losses.detach()
+        norms = []
+        for group in optimizer.param_groups:
+            norm = torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm, error_if_nonfinite=False)
+            losses.set(f"grad_norm_{group['name']}", norm)
+            norms.append(norm)
+        norms = torch.stack(norms)
+        nonfinite = ~torch.isfinite(norms)
+        nonfinite_counts.add_(nonfinite)
+        nonfinite_norms.copy_(torch.where(nonfinite, norms, nonfinite_norms))
+        skip_step.copy_(nonfinite.any())
+        return losses
+
+    def parameter_pass() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        target_updater.step()
+
+    def raise_if_nonfinite(skipped: bool) -> None:
+        if not nonfinite_counts.any():  # the one host sync of a check, for all groups
+            return
+        bad = int(nonfinite_counts.nonzero()[0])
+        count, norm = int(nonfinite_counts[bad]), nonfinite_norms[bad].item()
+        nonfinite_counts.zero_()
+        raise NonFiniteGradientError(group_names[bad], norm, skipped_updates=count if skipped else 0)
+
+    if compile:
+        gradient_pass = compile_with_warmup(gradient_pass, mode=compile_mode, warmup=1)
+
+    if cudagraphs:
+
+        def full_step(batch: TensorDictBase) -> TensorDictBase:
+            metrics = gradient_pass(batch)
+            parameter_pass()
+            return metrics
+
+        graph_step = CudaGraphModule(full_step, in_keys=[], out_keys=[], warmup=5)
+
+    num_updates = 0
+
+    def update(batch: TensorDictBase) -> TensorDictBase:
+        nonlocal num_updates
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            metrics = graph_step(batch).clone()  # the graph's output buffers are overwritten by the next replay
+        else:
+            metrics = gradient_pass(batch)
+            if not skips_on_device:
+                try:
+                    raise_if_nonfinite(skipped=False)
+                except NonFiniteGradientError:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise
+            parameter_pass()
+        num_updates += 1
+        if skips_on_device and num_updates % check_every == 0:
+            raise_if_nonfinite(skipped=True)
+        return metrics
+
+    return update

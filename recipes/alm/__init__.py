@@ -1,0 +1,1 @@
+"""ALM's recipe: ``alm.py`` (the Hydra script), ``utils.py`` (its factories), ``config.yaml``."""
