@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -37,6 +38,9 @@ from alm_torchrl.runtime import configure_cpu_runtime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from update_speed import cpu_model, gflop_per_call, update_timings  # noqa: E402  (benchmarks/ is not a package)
 
+# The sizes of the fixed-cost regime (--tiny, also update_speed.py --tiny): the arithmetic takes microseconds, so what is
+# timed is Python, tensor-library and dispatch overhead.
+TINY_SIZES = {"latent_dims": 8, "hidden_dims": 32, "model_hidden_dims": 32, "batch_size": 16}
 # The original's cfgs/agent/alm.yaml (paper settings).
 ORIGINAL_AGENT_CONFIG = dict(
     env_buffer_size=100_000,
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="apply this project's malloc tuning (configure_cpu_runtime) to the original too")
     parser.add_argument("--count-flops", action="store_true",
                         help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the fixed-cost regime: latent 8, hidden 32, model hidden 32, batch 16 (update_speed.py --tiny)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # p10 and p90 need two timings; the original's sequence sampler needs more stored steps than seq_len (3).
@@ -88,6 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--reference-dir {args.reference_dir}: no agents/alm.py there; "
                      "expected a checkout of https://github.com/RajGhugare19/alm")
     return args
+
+
+def agent_config(agent_class: type, *, tiny: bool = False) -> dict:
+    """The paper's settings (or the tiny sizes) for the keywords this version of ``AlmAgent`` takes.
+
+    The repository's main branch has no ``identity_encoder`` / ``positive_reward`` switches (other versions do); the
+    update is the same with them off.
+    """
+    config = {**ORIGINAL_AGENT_CONFIG, **(TINY_SIZES if tiny else {})}
+    accepted = inspect.signature(agent_class.__init__).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in accepted.values()):
+        return config
+    return {key: value for key, value in config.items() if key in accepted}
 
 
 def import_original_agent(reference_dir: Path):
@@ -127,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         float(env.action_space.high[0]),
         env.observation_space.shape[0],
         env.action_space.shape[0],
-        **ORIGINAL_AGENT_CONFIG,
+        **agent_config(AlmAgent, tiny=args.tiny),
     )
     # The original warm-up: uniformly random actions; time-limit truncations are not stored as terminal.
     state, _ = env.reset(seed=args.seed)
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "malloc_tuned": args.tune_malloc,
         "batch_size": agent.batch_size,
         "horizon": agent.seq_len,
+        "tiny": args.tiny,
         "cpu": cpu_model(),
         **update_timings(durations, sample_durations),
     }

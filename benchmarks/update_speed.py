@@ -20,9 +20,10 @@ with the recipe's random warm-up, then reports, as one JSON line on stdout:
 
 Examples::
 
-    python benchmarks/update_speed.py                                   # HalfCheetah-v5, paper settings, CPU
+    python benchmarks/update_speed.py                                   # HalfCheetah-v5, the recipe's defaults
+    python benchmarks/update_speed.py --tiny --compile false            # the fixed-cost regime, eager
     python benchmarks/update_speed.py --env Humanoid-v5 --fill-buffer   # + a full 1e6-transition buffer
-    python benchmarks/update_speed.py --device cuda --compile --cudagraphs --loop-frames 2000
+    python benchmarks/update_speed.py --device cuda --compile true --cudagraphs --loop-frames 2000
     python benchmarks/update_speed.py --updates 2 --loop-frames 0 --serial-eval  # evaluation before batching
 """
 
@@ -46,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from alm_torchrl.envs import make_env  # noqa: E402
 from alm_torchrl.evaluation import evaluate  # noqa: E402
 from alm_torchrl.replay import TRAJ_KEY, sample_slices  # noqa: E402
-from alm_torchrl.runtime import configure_cpu_runtime  # noqa: E402
+from alm_torchrl.runtime import configure_cpu_runtime, skip_pandas_lookup_in_tensordict_from_any  # noqa: E402
 from recipes.alm.utils import (  # noqa: E402
     ConfigError,
+    compile_enabled,
     configure_runtime,
     load_config,
     make_collector,
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--env", default="HalfCheetah-v5", help="env.name: a gymnasium id or preset")
     parser.add_argument("--device", default="auto", help="collector.device: auto, cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=512, help="optim.batch_size (slices per update)")
-    parser.add_argument("--compile", action="store_true", help="compile.compile=true")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default=None,
+                        help="compile.compile (default: the recipe's, auto)")
     parser.add_argument("--compile-mode", default=None, help="compile.compile_mode")
     parser.add_argument("--cudagraphs", action="store_true", help="compile.cudagraphs=true (CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="compile.num_threads (default: one per core)")
@@ -89,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "collected batch; 1 measures a host sync per update)")
     parser.add_argument("--count-flops", action="store_true",
                         help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the fixed-cost regime: latent 8, hidden 32, model hidden 32, batch 16 (as "
+                             "reference_update_speed.py --tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more recipe config overrides, e.g. network.hidden_dim=256")
     args = parser.parse_args(argv)
@@ -102,13 +108,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The sizes of the fixed-cost regime (--tiny): the arithmetic takes microseconds, so what is timed is Python,
+# TensorDict and dispatch overhead.
+TINY_OVERRIDES = ("network.latent_dim=8", "network.hidden_dim=32", "network.model_hidden_dim=32", "optim.batch_size=16")
+
+
 def recipe_config(args: argparse.Namespace):
     return load_config(
         f"env.name={args.env}",
         f"env.seed={args.seed}",
         f"collector.device={args.device}",
         f"optim.batch_size={args.batch_size}",
-        f"compile.compile={args.compile}",
+        *(TINY_OVERRIDES if args.tiny else ()),
+        *([f"compile.compile={args.compile}"] if args.compile else []),
         f"compile.cudagraphs={args.cudagraphs}",
         *([f"compile.compile_mode={args.compile_mode}"] if args.compile_mode else []),
         *([f"compile.num_threads={args.threads}"] if args.threads else []),
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(cfg)
         if args.default_malloc:  # the recipe's threads without its malloc tuning, to measure what that buys
             configure_cpu_runtime(cfg.compile.num_threads, keep_freed_memory=False)
+            skip_pandas_lookup_in_tensordict_from_any()
         else:
             configure_runtime(cfg)
     except ConfigError as err:
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "compile": bool(cfg.compile.compile),
+        "compile": compile_enabled(cfg, device),
         "cudagraphs": bool(cfg.compile.cudagraphs),
         "critics": "loop" if loss.deactivate_vmap else "vmap",
         "malloc_tuned": not args.default_malloc,
@@ -219,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "check_every": check_every,
         "batch_size": cfg.optim.batch_size,
         "horizon": cfg.loss.horizon,
+        "tiny": args.tiny,
         "cpu": cpu_model(),
     }
 

@@ -2,14 +2,21 @@
 # torchrl/objectives/ as is.
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
-from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
+from tensordict.nn import (
+    dispatch,
+    ProbabilisticTensorDictSequential,
+    TensorDictModule,
+    TensorDictModuleBase,
+)
 from tensordict.utils import NestedKey, unravel_key
 from torch import distributions as d
 
@@ -544,13 +551,26 @@ class ALMLoss(LossModule):
         return self.actor_network_params.detach()
 
     # ------------------------------------------------------------------ network calls
+    @staticmethod
+    def _with_params(
+        network: TensorDictModuleBase, params: TensorDictBase | None
+    ) -> AbstractContextManager:
+        """Calls of ``network`` inside this context use ``params``.
+
+        ``params=None``: the caller has already swapped them in, for a loop of calls (each
+        swap costs as much as a small network's forward pass).
+        """
+        if params is None:
+            return contextlib.nullcontext()
+        return params.to_module(network, preserve_module_state=False)
+
     def _latent_dist(
         self,
         network: ProbabilisticTensorDictSequential,
-        params: TensorDictBase,
+        params: TensorDictBase | None,
         inputs: TensorDictBase,
     ) -> d.Distribution:
-        with params.to_module(network, preserve_module_state=False):
+        with self._with_params(network, params):
             return network.get_dist(inputs)
 
     def _encode(
@@ -574,7 +594,10 @@ class ALMLoss(LossModule):
             return self.encoder.get_dist_params(inputs)
 
     def _predict_next_latent(
-        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+        self,
+        latent: torch.Tensor,
+        action: torch.Tensor,
+        params: TensorDictBase | None,
     ) -> d.Distribution:
         keys = self.tensor_keys
         inputs = TensorDict(
@@ -630,11 +653,11 @@ class ALMLoss(LossModule):
         return self._sample_action_and_std(latent, params)[0]
 
     def _actor_mean_and_std(
-        self, latent: torch.Tensor, params: TensorDictBase
+        self, latent: torch.Tensor, params: TensorDictBase | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The actor's mean action and the std actions are sampled with around it."""
         keys = self.tensor_keys
-        with params.to_module(self.actor_network, preserve_module_state=False):
+        with self._with_params(self.actor_network, params):
             output = self.actor_network(
                 TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1])
             )
@@ -651,7 +674,7 @@ class ALMLoss(LossModule):
         return mean, std
 
     def _sample_action_and_std(
-        self, latent: torch.Tensor, params: TensorDictBase
+        self, latent: torch.Tensor, params: TensorDictBase | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_sample_action`, also returning the std it sampled with."""
         mean, std = self._actor_mean_and_std(latent, params)
@@ -665,7 +688,7 @@ class ALMLoss(LossModule):
         return action + (clamped - action).detach(), std
 
     def _actor_step(
-        self, latent: torch.Tensor, params: TensorDictBase, sample: bool
+        self, latent: torch.Tensor, params: TensorDictBase | None, sample: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if sample:
             return self._sample_action_and_std(latent, params)
@@ -755,16 +778,15 @@ class ALMLoss(LossModule):
         online_dist = self._encode(batch.observation[:, 0], self.encoder_params)
         latent = online_dist.rsample()
         latents, kls = [], []
-        for t in range(batch.horizon):
-            prior = self._predict_next_latent(
-                latent, batch.action[:, t], self.world_model_params
-            )
-            posterior = self.encoder.build_dist_from_params(
-                target_dist_params[:, t + 1]
-            )
-            kls.append(_kl_divergence(prior, posterior))
-            latents.append(latent)
-            latent = prior.rsample()
+        with self._with_params(self.world_model, self.world_model_params):
+            for t in range(batch.horizon):
+                prior = self._predict_next_latent(latent, batch.action[:, t], None)
+                posterior = self.encoder.build_dist_from_params(
+                    target_dist_params[:, t + 1]
+                )
+                kls.append(_kl_divergence(prior, posterior))
+                latents.append(latent)
+                latent = prior.rsample()
         kl = torch.stack(kls, dim=1)  # [B, K]
         # Reward model frozen: its gradient flows into the latents only.
         model_reward = self._shape_reward(
@@ -1036,20 +1058,23 @@ class ALMLoss(LossModule):
         if horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}.")
         latents, actions, stds = [latent], [], []
-        for t in range(horizon):
-            if t == 0 and first_action is not None:
-                action, std = first_action, torch.zeros_like(first_action)
-            else:
-                action, std = self._actor_step(
-                    latent.detach(), self.actor_network_params, sample_actions
-                )
-            prior = self._predict_next_latent(
-                latent, action, self._cached_detached_world_model_params
-            )
-            latent = prior.rsample() if sample_latents else prior.mean
-            actions.append(action)
-            stds.append(std)
-            latents.append(latent)
+        with self._with_params(
+            self.actor_network, self.actor_network_params
+        ), self._with_params(
+            self.world_model, self._cached_detached_world_model_params
+        ):
+            for t in range(horizon):
+                if t == 0 and first_action is not None:
+                    action, std = first_action, torch.zeros_like(first_action)
+                else:
+                    action, std = self._actor_step(
+                        latent.detach(), None, sample_actions
+                    )
+                prior = self._predict_next_latent(latent, action, None)
+                latent = prior.rsample() if sample_latents else prior.mean
+                actions.append(action)
+                stds.append(std)
+                latents.append(latent)
         with torch.no_grad():
             action, std = self._actor_step(
                 latent, self._cached_detached_actor_network_params, sample_actions

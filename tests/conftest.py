@@ -26,6 +26,7 @@ LOSS_GROUPS = {
 
 # Recipe overrides for end-to-end runs that take seconds: tiny networks, short episodes, a short warm-up.
 TINY_RECIPE = [
+    "compile.compile=false",  # compilation takes a minute; tests/test_fast_update.py and test_recipe.py cover it
     "network.latent_dim=4",
     "network.hidden_dim=16",
     "network.model_hidden_dim=16",

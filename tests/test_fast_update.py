@@ -10,7 +10,13 @@ import torch
 import torch._inductor.config
 from torchrl.objectives import SoftUpdate
 
-from alm_torchrl.update import OPTIMIZER_GROUPS, NonFiniteGradientError, make_optimizer, make_update
+from alm_torchrl.update import (
+    OPTIMIZER_GROUPS,
+    NonFiniteGradientError,
+    make_optimizer,
+    make_target_updater,
+    make_update,
+)
 
 from conftest import LOSS_GROUPS, slice_batch, tiny_loss
 
@@ -68,7 +74,7 @@ def test_fast_update_equals_sequential_update(deactivate_vmap, cudagraphs):
         # Without CUDA, CudaGraphModule warns and runs eagerly: this checks the wrapper's plumbing on the CPU.
         warnings.simplefilter("ignore", UserWarning)
         update = make_update(
-            fast, make_optimizer(fast, LR), SoftUpdate(fast, tau=TAU), MAX_GRAD_NORM, cudagraphs=cudagraphs
+            fast, make_optimizer(fast, LR), make_target_updater(fast, tau=TAU), MAX_GRAD_NORM, cudagraphs=cudagraphs
         )
         for step in range(3):
             batch = slice_batch(seed=10 + step)
@@ -87,7 +93,8 @@ def test_fast_update_equals_sequential_update(deactivate_vmap, cudagraphs):
 def test_compiled_update_equals_sequential_update():
     reference, optimizers, fast = _pair(deactivate_vmap=False)
     reference_targets = SoftUpdate(reference, tau=TAU)
-    update = make_update(fast, make_optimizer(fast, LR), SoftUpdate(fast, tau=TAU), MAX_GRAD_NORM, compile=True)
+    update = make_update(fast, make_optimizer(fast, LR), make_target_updater(fast, tau=TAU), MAX_GRAD_NORM,
+                         compile=True)
     # Inductor draws random numbers its own way unless told to use eager's generator. torch's own patch, not
     # pytest's monkeypatch, whose undo deletes the option and breaks every later compilation in the session.
     with torch._inductor.config.patch(fallback_random=True):
@@ -105,3 +112,29 @@ def test_compiled_update_equals_sequential_update():
             update(slice_batch(seed=20))
     assert all(torch.equal(before[name], p) for name, p in fast.named_parameters())
     assert torch._inductor.config.fallback_random is False
+
+
+def test_a_compilation_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A torch.compile failure (no C++ compiler, a dynamo bug) leaves the update eager, warned once, not a crash."""
+    import alm_torchrl.update
+
+    def failing_compile(step, **kwargs):
+        def compiled(batch):
+            raise torch._dynamo.exc.TorchRuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(alm_torchrl.update, "compile_with_warmup", failing_compile)
+    reference, optimizers, fast = _pair(deactivate_vmap=False)
+    reference_targets = SoftUpdate(reference, tau=TAU)
+    update = make_update(fast, make_optimizer(fast, LR), make_target_updater(fast, tau=TAU), MAX_GRAD_NORM,
+                         compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed, the update runs eagerly: .*InvalidCxxCompiler") as seen:
+        for step in range(3):
+            batch = slice_batch(seed=10 + step)
+            torch.manual_seed(step)
+            sequential_update(reference, optimizers, reference_targets, batch)
+            torch.manual_seed(step)
+            update(batch)
+    assert len([w for w in seen if "torch.compile failed" in str(w.message)]) == 1
+    _assert_same_state(reference, fast)

@@ -317,6 +317,22 @@ def test_compile_also_compiles_the_behaviour_policy_of_the_collector():
     assert batches[-1]["latent"].shape == (10, 4)  # the policy's own outputs reach the stored batch
 
 
+def test_compile_auto_runs_eager_with_one_line_where_torch_compile_cannot_work(tmp_path):
+    overrides = [override for override in TINY if not override.startswith("compile.compile")]
+    # No C++ compiler for inductor, and an empty cache, so nothing compiled before can stand in.
+    env = {**ENV, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = subprocess.run(
+        _recipe(*overrides, "env.name=Pendulum-v1", "compile.compile=auto", "collector.total_frames=150",
+                "logger.eval_iter=150", "checkpoint.interval=150", run_dir=tmp_path / "run"),
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "torch.compile does not work here" in line]
+    assert len(lines) == 1 and "running eager" in lines[0] and "C++ compiler" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "Done: 150 frames" in result.stdout
+
+
 class _Blocking:
     """A checkpoint component whose save writes a file, then waits forever: a save that a kill interrupts."""
 

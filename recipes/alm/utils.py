@@ -17,8 +17,11 @@ Config checking happens in three places, each value checked once:
 All of them raise :class:`ConfigError`, which ``alm.py`` prints as one ``alm.py: invalid config: ...`` line.
 """
 
+import functools
 import importlib.util
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +43,11 @@ from alm_torchrl.checkpoint import CheckpointError, TrainingCheckpoints
 from alm_torchrl.envs import check_env_name, make_env, replay_buffer_size_for
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer as make_slice_replay_buffer
-from alm_torchrl.runtime import configure_cpu_runtime
+from alm_torchrl.runtime import (
+    configure_cpu_runtime,
+    skip_pandas_lookup_in_tensordict_from_any,
+    torch_compile_failure,
+)
 from alm_torchrl.update import make_optimizer as make_grouped_optimizer
 from alm_torchrl.update import make_target_updater, make_update
 
@@ -119,10 +126,11 @@ class ExplorationConfig:
 
 @dataclass
 class CompileConfig:
-    compile: bool = MISSING
+    compile: Any = MISSING  # true, false or "auto" (validate_config)
     compile_mode: Optional[str] = MISSING
     cudagraphs: bool = MISSING
     num_threads: Optional[int] = MISSING
+    cache_dir: Optional[str] = MISSING
 
 
 @dataclass
@@ -209,6 +217,24 @@ def resolve_device(cfg: DictConfig) -> torch.device:
     return device
 
 
+def compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether to ``torch.compile`` the update and the behaviour policy: ``compile.compile`` unless torch.compile does
+    not work on ``device`` here, which is checked once and said in one line on stderr (the run then goes on eager).
+    """
+    if cfg.compile.compile is False:
+        return False
+    failure = torch_compile_failure(device.type)
+    if failure is not None:
+        _say_once(f"alm.py: compile.compile={cfg.compile.compile}: torch.compile does not work here, running eager "
+                  f"({failure}; on the CPU it needs a C++ compiler and Python's headers, e.g. apt install g++ python3-dev)")
+    return failure is None
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def updates_per_batch(cfg: DictConfig) -> int:
     """Updates after each collected batch: ``collector.frames_per_batch x optim.utd_ratio``, rounded.
 
@@ -266,6 +292,8 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if cfg.compile.compile not in (True, False, "auto"):
+        raise ConfigError(f"compile.compile must be true, false or auto, got {cfg.compile.compile!r}")
     device = resolve_device(cfg)
     if cfg.compile.cudagraphs and device.type != "cuda":
         raise ConfigError(
@@ -332,9 +360,13 @@ def validate_resume(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------------- factories
 def configure_runtime(cfg: DictConfig) -> None:
-    """torch's intra-op threads (``compile.num_threads``) and glibc's malloc tuning (``alm_torchrl.runtime``)."""
+    """torch's intra-op threads (``compile.num_threads``), glibc's malloc tuning, inductor's cache directory
+    (``compile.cache_dir``) and the tensordict workaround of ``alm_torchrl.runtime``."""
     with naming_config_keys(num_threads="compile.num_threads"):
         configure_cpu_runtime(cfg.compile.num_threads)
+    if cfg.compile.cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cfg.compile.cache_dir).expanduser().absolute())
+    skip_pandas_lookup_in_tensordict_from_any()
 
 
 def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
@@ -388,7 +420,7 @@ def make_loss_module(
     ``vmap``, which costs more there in eager mode (``benchmarks/README.md``); compiled, or on CUDA, vmap.
     """
     if deactivate_vmap is None:
-        deactivate_vmap = device.type == "cpu" and not cfg.compile.compile
+        deactivate_vmap = device.type == "cpu" and not compile_enabled(cfg, device)
     with naming_config_keys(
         lmbda="loss.lmbda",
         classifier_coef="loss.classifier_coef",
@@ -463,7 +495,7 @@ def make_learner(
             optimizer,
             target_updater,
             max_grad_norm=cfg.optim.max_grad_norm,
-            compile=cfg.compile.compile,
+            compile=compile_enabled(cfg, device),
             compile_mode=cfg.compile.compile_mode,
             cudagraphs=cfg.compile.cudagraphs,
             check_every=check_every,
@@ -505,7 +537,7 @@ def make_collector(
         env_device="cpu",
         policy_device=device,
         storing_device=device,
-        compile_policy={"mode": cfg.compile.compile_mode, "warmup": 1} if cfg.compile.compile else False,
+        compile_policy={"mode": cfg.compile.compile_mode, "warmup": 1} if compile_enabled(cfg, device) else False,
         cudagraph_policy={"warmup": 10} if cfg.compile.cudagraphs else False,
     )
 
