@@ -45,8 +45,8 @@ TINY_ALGORITHM = [
     "collector.init_random_frames=100",
     "env.max_episode_steps=50",
 ]
-TINY_BOOKKEEPING = ["logger.num_eval_episodes=1", "logger.eval_iter=50", "checkpoint.interval=100000",
-                    "collector.total_frames=150", "env.name=Pendulum-v1"]
+TINY_BOOKKEEPING = ["compile.compile=false", "logger.num_eval_episodes=1", "logger.eval_iter=50",
+                    "checkpoint.interval=100000", "collector.total_frames=150", "env.name=Pendulum-v1"]
 REFERENCE_README_ROW = re.compile(r"^\| (gym_\w+)[^|]*((?:\|[^|]*)+)\|$")
 
 
