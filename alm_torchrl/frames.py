@@ -322,8 +322,9 @@ class FrameStackStorage(LazyTensorStorage):
         state["frame_store"] = {
             "frame_capacity": capacity,
             "frames_written": self.frames_written,
-            # The ring's written slots only: a part-filled ring saves no unwritten memory.
-            "frames": frames[: min(self.frames_written, capacity)] if frames is not None else torch.empty(0),
+            # The whole ring (torch.save writes a view's whole storage anyway); a copy of its written part would
+            # double the buffer's memory while saving.
+            "frames": frames if frames is not None else torch.empty(0),
             "open_traj_ids": torch.tensor([traj_id for traj_id, _ in open_ids], dtype=torch.long),
             "open_frame_ids": (
                 torch.stack([ids for _, ids in open_ids])
@@ -385,10 +386,10 @@ class RebuildFrameStacks(Transform):
 
 
 def _copy_frames(source: torch.Tensor, source_capacity: int, target: torch.Tensor, frames_written: int) -> None:
-    """Copies the last frames of a ring (``source``, of ``source_capacity`` frames of which the first
-    ``len(source)`` are written) into the ring ``target``, each frame ``n`` from slot ``n % source_capacity`` to
-    slot ``n % len(target)``; as many as both hold, newest first kept."""
-    first = max(0, frames_written - min(len(source), len(target)))
+    """Copies the frames of the ring ``source`` (``source_capacity`` slots, ``frames_written`` frames written into
+    it) into the ring ``target``, each frame ``n`` from slot ``n % source_capacity`` to slot ``n % len(target)``:
+    the last ``min(frames_written, source_capacity, len(target))`` frames."""
+    first = max(0, frames_written - min(source_capacity, len(target)))
     chunk = 4096  # a chunk at a time: the copy adds no third ring-sized tensor to the memory peak
     for start in range(first, frames_written, chunk):
         numbers = torch.arange(start, min(start + chunk, frames_written))

@@ -175,8 +175,8 @@ def test_memory_is_one_frame_per_transition():
     storage.set(torch.arange(len(data)), data.clone())
     assert storage.frames_written == len(data) + 1  # a single episode
     assert storage.frame_capacity == 200 + 200 // 8
-    frames = storage.state_dict()["frame_store"]["frames"]
-    assert frames.shape == (len(data) + 1, 3, 12, 12) and frames.dtype == torch.uint8
+    frames = storage.state_dict()["frame_store"]["frames"]  # the ring: one uint8 frame per slot
+    assert frames.shape == (200 + 200 // 8, 3, 12, 12) and frames.dtype == torch.uint8
     assert storage[:1].bytes() < 200  # the rest of a transition: action, reward, flags, ids, frame numbers
 
 

@@ -1,6 +1,9 @@
 """ALM from pixels: DrQ-v2's convolutional encoder swapped in, every other network and ALMLoss unchanged."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -147,6 +150,42 @@ def test_pixel_agent_collects_and_trains_from_the_frame_buffer():
     collector.shutdown()
     assert buffer.storage.frames_written < 2 * len(buffer)
     assert all(torch.isfinite(metrics[key]) for key in metrics.keys())
+
+
+def test_readme_pixel_example_builds_what_it_says():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "<!-- the pixel example: tests/test_pixel_encoder.py runs this block -->"
+    (block,) = re.findall(re.escape(marker) + r"\n```python\n(.*?)```", readme, flags=re.S)
+    namespace: dict = {}
+    exec(block, namespace)
+    loss, buffer = namespace["loss"], namespace["replay_buffer"]
+    assert isinstance(namespace["agent"].encoder.module[0].module.net[0], ConvFeatures)
+    assert ("next", "pixels") in loss.in_keys and buffer.storage.pixels_key == "pixels"
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 4, 9, 84, 84), generator=generator, dtype=torch.uint8)
+    flags = torch.zeros(2, 3, 1, dtype=torch.bool)
+    batch = TensorDict({"pixels": images[:, :-1], "action": torch.zeros(2, 3, 6),
+                        "next": {"pixels": images[:, 1:], "reward": torch.ones(2, 3, 1), "done": flags,
+                                 "terminated": flags.clone()}}, batch_size=[2, 3])
+    make_target_updater(loss, tau=0.005)
+    losses = loss(buffer.transform[-1](batch))  # the random shift, then the loss
+    assert all(torch.isfinite(losses[key]) for key in losses.keys() if key.startswith("loss_"))
+
+
+def test_recipe_factories_build_the_pixel_learner_from_the_env():
+    from recipes.alm.utils import ConfigError, load_config, make_learner
+
+    env = make_pixel_env(frame_shape=(3, 16, 16))
+    cfg = load_config("compile.compile=false", "network.latent_dim=4", "network.hidden_dim=16",
+                      "network.model_hidden_dim=16", "network.conv_channels=4", "network.conv_feature_dim=6")
+    learner = make_learner(cfg, env, torch.device("cpu"))
+    conv = learner.agent.encoder.module[0].module.net[0]
+    assert isinstance(conv, ConvFeatures) and conv.convnet[0].out_channels == 4 and conv.trunk[0].out_features == 6
+    assert learner.agent.encoder.in_keys == ["pixels"] and learner.loss.tensor_keys.observation == "pixels"
+    rollout = env.rollout(8, learner.agent.policy)
+    assert rollout["action"].shape == (8, 2)
+    with pytest.raises(ConfigError, match="network.conv_channels must be a positive integer"):
+        make_learner(load_config("network.conv_channels=0"), env, torch.device("cpu"))
 
 
 def test_bad_image_specs_are_refused():
