@@ -2,7 +2,9 @@
 
 Architectures follow the ALM paper's Table 4 and the reference code: every Linear has
 an orthogonal weight and a zero bias; activations are ELU except the first layer of the
-reward, classifier and critic heads, which is LayerNorm + Tanh.
+reward, classifier and critic heads, which is LayerNorm + Tanh. Image observations get
+DrQ-v2's convolutional encoder (Yarats et al., 2021, arXiv:2107.09645) in front of ALM's
+encoder MLP (:func:`make_pixel_encoder`); every other network only ever sees latents.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torchrl.modules import Actor, AdditiveGaussianModule, IndependentNormal, Va
 __all__ = [
     "ALMModules",
     "ConcatMLP",
+    "ConvFeatures",
     "GaussianParamHead",
     "IdentityGaussianParams",
     "LearnedStdNoise",
@@ -38,6 +41,7 @@ __all__ = [
     "make_classifier",
     "make_encoder",
     "make_identity_encoder",
+    "make_pixel_encoder",
     "make_qvalue_network",
     "make_reward_model",
     "make_world_model",
@@ -46,10 +50,15 @@ __all__ = [
 
 
 def orthogonal_init_(module: nn.Module) -> nn.Module:
-    """Orthogonal weights (gain 1) and zero biases for every ``nn.Linear`` in ``module``."""
+    """Orthogonal weights and zero biases for every ``nn.Linear`` and ``nn.Conv2d`` in ``module``.
+
+    Linear layers get gain 1; convolutions (followed by ReLUs in :class:`ConvFeatures`) get the ReLU gain, as in
+    DrQ-v2.
+    """
     for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            nn.init.orthogonal_(layer.weight)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            gain = nn.init.calculate_gain("relu") if isinstance(layer, nn.Conv2d) else 1.0
+            nn.init.orthogonal_(layer.weight, gain)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
     return module
@@ -107,7 +116,9 @@ class GaussianParamHead(nn.Module):
         self.max_scale = max_scale
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.net(torch.cat(inputs, dim=-1)).chunk(2, dim=-1)
+        # One input is passed as is: concatenating it would copy it (a batch of images, for a pixel encoder).
+        features = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=-1)
+        loc, raw_scale = self.net(features).chunk(2, dim=-1)
         loc = self.max_loc * torch.tanh(loc / self.max_loc)
         scale = self.max_scale - nn.functional.softplus(self.max_scale - raw_scale)
         scale = self.min_scale + nn.functional.softplus(scale - self.min_scale)
@@ -165,6 +176,76 @@ def make_encoder(
 ) -> ProbabilisticTensorDictSequential:
     """Encoder ``e(z | s)``: observation -> diagonal Normal over the latent (writes ``latent``)."""
     net = elu_mlp(observation_dim, hidden_dim, 2 * latent_dim)
+    return _gaussian_latent_module(net, [observation_key], latent_key)
+
+
+class ConvFeatures(nn.Module):
+    """DrQ-v2's image encoder and trunk: ``[*B, C, H, W]`` frames -> ``[*B, feature_dim]`` features.
+
+    Four 3x3 convolutions of ``channels`` channels (the first with stride 2, no padding), each followed by a ReLU,
+    flattened, then DrQ-v2's trunk: Linear, LayerNorm, Tanh. Stacked frames come concatenated along the channels
+    (:class:`~torchrl.envs.CatFrames` with ``dim=-3``), so ``C`` is frames x colour channels.
+
+    Pixels are centred as DrQ-v2 centres them, to [-0.5, 0.5]: ``uint8`` frames are divided by 255, floating-point
+    frames are taken to be in [0, 1] already (what :class:`~torchrl.envs.ToTensorImage` gives).
+
+    Args:
+        image_shape: ``(C, H, W)`` of one (stacked) observation.
+        channels: channels of every convolution (DrQ-v2: 32).
+        feature_dim: size of the trunk's output (DrQ-v2: 50).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: int = 32, feature_dim: int = 50) -> None:
+        super().__init__()
+        in_channels, height, width = image_shape
+        # Output size: (x - 3) // 2 + 1 after the strided layer, minus 2 after each of the other three.
+        out_height, out_width = (height - 3) // 2 - 5, (width - 3) // 2 - 5
+        if out_height < 1 or out_width < 1:
+            raise ValueError(
+                f"observation images must be at least 15x15 pixels for the four 3x3 convolutions, "
+                f"got {height}x{width}."
+            )
+        layers: list[nn.Module] = []
+        for index in range(4):
+            layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, 3, stride=2 if index == 0 else 1),
+                       nn.ReLU()]
+        self.convnet = nn.Sequential(*layers)
+        self.trunk = nn.Sequential(
+            nn.Linear(channels * out_height * out_width, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh()
+        )
+        self.image_shape = tuple(image_shape)
+        orthogonal_init_(self)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch_shape = pixels.shape[:-3]
+        images = pixels.reshape(-1, *pixels.shape[-3:])  # Conv2d takes one batch dim
+        if images.dtype.is_floating_point:
+            images = images - 0.5
+        else:
+            images = images.float() / 255.0 - 0.5
+        features = self.convnet(images).flatten(1)
+        return self.trunk(features).reshape(*batch_shape, -1)
+
+
+def make_pixel_encoder(
+    image_shape: tuple[int, int, int],
+    latent_dim: int = 50,
+    hidden_dim: int = 512,
+    *,
+    channels: int = 32,
+    feature_dim: int = 50,
+    observation_key: NestedKey = "pixels",
+    latent_key: NestedKey = "latent",
+) -> ProbabilisticTensorDictSequential:
+    """Encoder ``e(z | s)`` for images: :class:`ConvFeatures`, then ALM's encoder MLP on its features.
+
+    The same interface as :func:`make_encoder` (a diagonal Normal over ``latent``), reading ``[*B, C, H, W]``
+    images under ``observation_key``, so it replaces the MLP encoder without any other network or the loss
+    knowing: set the loss's observation key to the same entry (``loss.set_keys(observation="pixels")``).
+    """
+    net = nn.Sequential(
+        ConvFeatures(image_shape, channels, feature_dim), elu_mlp(feature_dim, hidden_dim, 2 * latent_dim)
+    )
     return _gaussian_latent_module(net, [observation_key], latent_key)
 
 
@@ -329,6 +410,8 @@ class ALMModules:
     exploration_noise: AdditiveGaussianModule | None
     """The policy's scheduled noise; call ``exploration_noise.step(frames)`` as frames are collected.
     ``None`` with ``actor_std="learned"``, where the actor's own std is the noise."""
+    observation_key: NestedKey = "observation"
+    """The entry the encoder reads: give it to the loss, ``loss.set_keys(observation=modules.observation_key)``."""
 
     def loss_kwargs(self) -> dict[str, object]:
         return {
@@ -342,7 +425,11 @@ class ALMModules:
 
 
 def _unbatched_leaf_spec(
-    spec: TensorSpec, key: NestedKey, what: str, required_type: type[TensorSpec] | None = None
+    spec: TensorSpec,
+    key: NestedKey,
+    what: str,
+    required_type: type[TensorSpec] | None = None,
+    allow_image: bool = False,
 ) -> TensorSpec:
     if isinstance(spec, Composite):
         if key not in spec.keys(True, True):
@@ -350,10 +437,11 @@ def _unbatched_leaf_spec(
         spec = spec[key]
     if required_type is not None and not isinstance(spec, required_type):
         raise ValueError(f"ALM needs a {required_type.__name__} {what} spec, got {type(spec).__name__}.")
-    if spec.ndim != 1:
-        # ALM's networks are MLPs over a flat vector; batched env specs must be unbatched first
-        # (``env.observation_spec_unbatched``).
-        raise ValueError(f"{what} spec must be a flat vector, got shape {tuple(spec.shape)}.")
+    if spec.ndim != 1 and not (allow_image and spec.ndim == 3):
+        # ALM's networks are MLPs over a flat vector (images get a convolutional encoder in front); batched env
+        # specs must be unbatched first (``env.observation_spec_unbatched``).
+        shapes = "a flat vector or a [C, H, W] image" if allow_image else "a flat vector"
+        raise ValueError(f"{what} spec must be {shapes}, got shape {tuple(spec.shape)}.")
     return spec
 
 
@@ -366,6 +454,8 @@ def make_alm_modules(
     model_hidden_dim: int = 1024,
     num_qvalue_nets: int = 2,
     encoder_type: str = "mlp",
+    conv_channels: int = 32,
+    conv_feature_dim: int = 50,
     classifier_type: str = "mlp",
     actor_std: str = "scheduled",
     noise_init: float = 1.0,
@@ -378,15 +468,19 @@ def make_alm_modules(
     """Builds ALM's networks and policies from an environment's (unbatched) specs.
 
     Args:
-        observation_spec: the observation spec, or a Composite holding ``observation_key``.
+        observation_spec: the observation spec, or a Composite holding ``observation_key``: a flat vector, or an
+            image ``[C, H, W]`` (``uint8``, or floats in [0, 1]; stacked frames concatenated along ``C``), which gets
+            DrQ-v2's convolutional encoder (:func:`make_pixel_encoder`) in front of the encoder MLP.
         action_spec: a :class:`~torchrl.data.Bounded` action spec, or a Composite holding it.
 
     Keyword Args:
         latent_dim, hidden_dim, model_hidden_dim: network sizes (paper: 50, 512, 1024).
         num_qvalue_nets: number of independently initialised critic heads (paper: 2).
-        encoder_type: ``"mlp"`` (the paper's) or ``"identity"`` (``z = s`` with a fixed std of 0.1 and no
-            parameters, the MnM-like ablation of Fig. 13; the latent size is then the observation size and
-            ``latent_dim`` is not used).
+        encoder_type: ``"mlp"`` (the paper's; behind the convolutional features for images) or ``"identity"``
+            (``z = s`` with a fixed std of 0.1 and no parameters, the MnM-like ablation of Fig. 13; the latent size
+            is then the observation size and ``latent_dim`` is not used; flat observations only).
+        conv_channels, conv_feature_dim: the image encoder's channels per convolution and the size of its
+            features (DrQ-v2: 32, 50); unused for flat observations.
         classifier_type: ``"mlp"`` (the paper's) or ``"linear"`` (one Linear layer, Fig. 16).
         actor_std: ``"scheduled"`` (the paper's: additive noise annealed by the schedule below) or
             ``"learned"`` (ALM-ENT: the actor learns a state-dependent std in [0.1, 1] and the
@@ -405,7 +499,8 @@ def make_alm_modules(
         torch.Size([3, 1])
     """
     for name, value in (("latent_dim", latent_dim), ("hidden_dim", hidden_dim),
-                        ("model_hidden_dim", model_hidden_dim), ("num_qvalue_nets", num_qvalue_nets)):
+                        ("model_hidden_dim", model_hidden_dim), ("num_qvalue_nets", num_qvalue_nets),
+                        ("conv_channels", conv_channels), ("conv_feature_dim", conv_feature_dim)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if encoder_type not in ("mlp", "identity"):
@@ -421,7 +516,13 @@ def make_alm_modules(
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
             raise ValueError(f"{name} must be a number {expected}, got {value!r}.")
-    observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation")
+    observation_spec = _unbatched_leaf_spec(observation_spec, observation_key, "observation", allow_image=True)
+    from_pixels = observation_spec.ndim == 3
+    if from_pixels and encoder_type == "identity":
+        raise ValueError(
+            f"encoder_type 'identity' needs a flat observation (z = s), got an image of shape "
+            f"{tuple(observation_spec.shape)}; use 'mlp'."
+        )
     action_spec = _unbatched_leaf_spec(action_spec, action_key, "action", required_type=Bounded)
     if device is not None:
         # The noise module clamps actions to the spec's bounds, which must live with the actions.
@@ -433,6 +534,15 @@ def make_alm_modules(
     if encoder_type == "identity":
         encoder = make_identity_encoder(observation_key=observation_key)
         latent_dim = observation_dim
+    elif from_pixels:
+        encoder = make_pixel_encoder(
+            tuple(observation_spec.shape),
+            latent_dim,
+            hidden_dim,
+            channels=conv_channels,
+            feature_dim=conv_feature_dim,
+            observation_key=observation_key,
+        )
     else:
         encoder = make_encoder(observation_dim, latent_dim, hidden_dim, observation_key=observation_key)
     world_model = make_world_model(latent_dim, action_dim, model_hidden_dim, **keys)
@@ -467,6 +577,7 @@ def make_alm_modules(
         policy=policy,
         eval_policy=eval_policy,
         exploration_noise=exploration_noise,
+        observation_key=observation_key,
     )
     if device is not None:
         for module in modules.loss_kwargs().values():

@@ -70,9 +70,9 @@ def _check_number(
 class _SliceBatch:
     """The entries of a ``[B, K]`` slice batch that the losses read, as plain tensors."""
 
-    observation: torch.Tensor  # [B, K, obs]
+    observation: torch.Tensor  # [B, K, *obs]: a vector or, e.g., [C, H, W] frames
     action: torch.Tensor  # [B, K, act]
-    next_observation: torch.Tensor  # [B, K, obs]
+    next_observation: torch.Tensor  # [B, K, *obs]
     reward: torch.Tensor  # [B, K, 1]
     done: torch.Tensor  # [B, K, 1]
     terminated: torch.Tensor  # [B, K, 1]
@@ -216,8 +216,9 @@ class ALMLoss(LossModule):
         default values.
 
         Attributes:
-            observation (NestedKey): the observation, read at the root and under ``"next"``.
-                Defaults to ``"observation"``.
+            observation (NestedKey): the observation, read at the root and under ``"next"``;
+                the encoder's input, of any shape (a vector, or e.g. ``[C, H, W]`` image
+                frames under ``"pixels"``). Defaults to ``"observation"``.
             action (NestedKey): the recorded action. Defaults to ``"action"``.
             reward (NestedKey): the reward, read under ``"next"``. Defaults to ``"reward"``.
             done (NestedKey): the done flag, read under ``"next"``. Defaults to ``"done"``.
@@ -576,19 +577,21 @@ class ALMLoss(LossModule):
     def _encode(
         self, observation: torch.Tensor, params: TensorDictBase
     ) -> d.Distribution:
-        inputs = TensorDict(
-            {self.tensor_keys.observation: observation},
-            batch_size=observation.shape[:-1],
-        )
+        # No batch size: an observation may have several feature dims (stacked image
+        # frames, [..., C, H, W]); the latent's batch shape is the encoder output's.
+        inputs = TensorDict({self.tensor_keys.observation: observation})
         return self._latent_dist(self.encoder, params, inputs)
 
     def _encoder_dist_params(
         self, observation: torch.Tensor, params: TensorDictBase
     ) -> TensorDictBase:
-        """The encoder's distribution parameters, so one pass can serve several time steps."""
+        """The encoder's distribution parameters for ``[B, T, *obs]`` observations (``[B, T]``).
+
+        One pass serves several time steps: index the result along ``T``.
+        """
         inputs = TensorDict(
             {self.tensor_keys.observation: observation},
-            batch_size=observation.shape[:-1],
+            batch_size=observation.shape[:2],
         )
         with params.to_module(self.encoder, preserve_module_state=False):
             return self.encoder.get_dist_params(inputs)
@@ -1114,7 +1117,8 @@ class ALMLoss(LossModule):
         objective of Eq. 8 with lambda = 1, evaluated instead of optimised.
 
         Args:
-            observation (torch.Tensor): states, shape ``[*B, observation]``.
+            observation (torch.Tensor): states, shape ``[*B, *observation]`` (a vector or,
+                e.g., ``[C, H, W]`` image frames).
             horizon (int, optional): K. Defaults to ``3`` (the paper's).
             action (torch.Tensor, optional): a_0, shape ``[*B, action]`` (e.g. the action
                 taken there); defaults to the actor's mean.

@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_RECIPE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pixel_update  # noqa: E402
 import reference_update_speed  # noqa: E402
 import update_speed  # noqa: E402
 
@@ -139,6 +140,23 @@ def test_reference_harness_rejects_a_directory_without_the_original(tmp_path, ca
         reference_update_speed.parse_args(["--reference-dir", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(tmp_path) in error and "agents/alm.py" in error
+
+
+def test_pixel_update_reports_time_and_memory(capsys):
+    result = pixel_update.main([
+        "--image-size", "16", "--batch-size", "4", "--buffer-size", "600", "--updates", "2", "--conv-channels", "4",
+        "network.latent_dim=4", "network.hidden_dim=16", "network.model_hidden_dim=16",
+    ])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["image"] == [9, 16, 16] and result["images_per_update"] == 4 * (3 + 2)
+    assert result["buffer_transitions"] == 600
+    # 500-step episodes: one frame per transition and the first frame of each of the 2 episodes.
+    assert result["frames_written"] == 600 + 2
+    frame = 3 * 16 * 16
+    # The ring (600 + 600 // 8 frames) and 78 bytes of the rest: 6 actions, reward, 2 flags, trajectory id, index, and
+    # the 4 frame numbers.
+    assert result["bytes_per_transition"] == frame * 675 / 600 + 4 * 6 + 4 + 2 + 8 + 8 + 4 * 8
+    assert result["ms_per_update_median"] > 0 and 0 < result["sample_share"] < 1
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,9 @@ def test_bad_specs():
         make_alm_modules(Unbounded(shape=(OBS_DIM,)), Categorical(3))
     with pytest.raises(KeyError, match="no entry 'observation'"):
         make_alm_modules(Composite(pixels=Unbounded(shape=(OBS_DIM,))), action_spec())
-    with pytest.raises(ValueError, match="flat vector"):
+    with pytest.raises(ValueError, match=r"flat vector or a \[C, H, W\] image"):
+        make_alm_modules(Unbounded(shape=(8, 8)), action_spec())
+    with pytest.raises(ValueError, match="at least 15x15 pixels"):  # an image, too small for the conv encoder
         make_alm_modules(Unbounded(shape=(3, 8, 8)), action_spec())
 
 

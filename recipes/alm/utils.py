@@ -99,6 +99,8 @@ class NetworkConfig:
     hidden_dim: int = MISSING
     model_hidden_dim: int = MISSING
     encoder: str = MISSING
+    conv_channels: int = MISSING
+    conv_feature_dim: int = MISSING
     classifier: str = MISSING
     actor_std: str = MISSING
 
@@ -382,13 +384,22 @@ def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
     return train_env, eval_env
 
 
+def observation_key(env: EnvBase) -> str:
+    """The entry ALM encodes: the env's ``observation``, or its ``pixels`` when it has no ``observation`` (a task
+    observed from pixels only)."""
+    keys = env.observation_spec.keys()
+    return "pixels" if "observation" not in keys and "pixels" in keys else "observation"
+
+
 def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMModules:
-    """ALM's networks and its behaviour and evaluation policies for ``env``."""
+    """ALM's networks and its behaviour and evaluation policies for ``env`` (reading :func:`observation_key`)."""
     with naming_config_keys(
         latent_dim="network.latent_dim",
         hidden_dim="network.hidden_dim",
         model_hidden_dim="network.model_hidden_dim",
         encoder_type="network.encoder",
+        conv_channels="network.conv_channels",
+        conv_feature_dim="network.conv_feature_dim",
         classifier_type="network.classifier",
         actor_std="network.actor_std",
         noise_init="exploration.noise_init",
@@ -402,11 +413,14 @@ def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMMo
             hidden_dim=cfg.network.hidden_dim,
             model_hidden_dim=cfg.network.model_hidden_dim,
             encoder_type=cfg.network.encoder,
+            conv_channels=cfg.network.conv_channels,
+            conv_feature_dim=cfg.network.conv_feature_dim,
             classifier_type=cfg.network.classifier,
             actor_std=cfg.network.actor_std,
             noise_init=cfg.exploration.noise_init,
             noise_end=cfg.exploration.noise_end,
             noise_annealing_frames=cfg.exploration.annealing_frames,
+            observation_key=observation_key(env),
             device=device,
         )
 
@@ -444,6 +458,7 @@ def make_loss_module(
             log_reward_shift=cfg.loss.log_reward_shift,
             entropy_coef=cfg.loss.entropy_coef,
         )
+        loss.set_keys(observation=agent.observation_key)
         loss.make_value_estimator(gamma=cfg.optim.gamma)
     return loss
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 
 import pytest
 import torch
@@ -122,11 +123,24 @@ class TestALM(LossModuleTestBase):
     latent_dim = 4
 
     def _create_mock_encoder(
-        self, device="cpu", observation_key="observation", latent_key="latent"
+        self,
+        device="cpu",
+        observation_key="observation",
+        latent_key="latent",
+        observation_shape=None,
     ):
+        # observation_shape: observations with several feature dims (e.g. [C, H, W]
+        # images), flattened by the encoder.
+        if observation_shape is None:
+            params = _NormalParams(self.obs_dim, self.latent_dim)
+        else:
+            params = nn.Sequential(
+                nn.Flatten(-len(observation_shape)),
+                _NormalParams(math.prod(observation_shape), self.latent_dim),
+            )
         return ProbSeq(
             Mod(
-                _NormalParams(self.obs_dim, self.latent_dim),
+                params,
                 in_keys=[observation_key],
                 out_keys=[_suffix(latent_key, "loc"), _suffix(latent_key, "scale")],
             ),
@@ -686,6 +700,30 @@ class TestALM(LossModuleTestBase):
             loss[key].backward(retain_graph=True)
             self._assert_routing(loss_fn, key)
             loss_fn.zero_grad()
+
+    def test_alm_image_observations(self):
+        # The loss reads observations of any shape: here [B, T, C, H, W] images
+        # under "pixels", for an encoder that flattens them.
+        torch.manual_seed(self.seed)
+        image_shape = (2, 4, 5)
+        networks = self._create_mock_networks()
+        networks["encoder"] = self._create_mock_encoder(
+            observation_key="pixels", observation_shape=image_shape
+        )
+        loss_fn = self._create_mock_alm(
+            networks=networks, keys={"observation": "pixels"}
+        )
+        td = self._create_mock_data_alm(observation_key="pixels")
+        for key in ("pixels", ("next", "pixels")):
+            td.set(key, torch.randn(*td.shape, *image_shape))
+        loss = loss_fn(td)
+        assert all(torch.isfinite(value) for value in loss.values())
+        for key in self._loss_keys(loss):
+            loss[key].backward(retain_graph=True)
+            self._assert_routing(loss_fn, key)
+            loss_fn.zero_grad()
+        assert loss_fn.lower_bound(td["pixels"][:, 0]).shape == td.shape[:1]
+        assert loss_fn.lower_bound(td["pixels"]).shape == td.shape
 
     @pytest.mark.parametrize(
         "kwargs,error,match",
