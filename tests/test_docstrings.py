@@ -5,11 +5,15 @@ import doctest
 
 import pytest
 
+import alm_torchrl.checkpoint
 import alm_torchrl.modules
 import alm_torchrl.objectives.alm
+import alm_torchrl.preemption
 
 
-@pytest.mark.parametrize("module", [alm_torchrl.objectives.alm, alm_torchrl.modules])
+@pytest.mark.parametrize(
+    "module", [alm_torchrl.objectives.alm, alm_torchrl.modules, alm_torchrl.checkpoint, alm_torchrl.preemption]
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
