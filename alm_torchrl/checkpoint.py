@@ -21,6 +21,12 @@ describe a plain TensorDict), or ``torch.save`` files that hold tensors and plai
 ``weights_only=True``). Anything else is refused, naming the file. That check matters beyond damage: TorchRL 0.14's
 state-dict adapter reads its tensors with ``tensordict.load``, which unpickles an ``other.pickle`` file it finds there
 (tensordict 0.14 defaults to ``allow_pickle=None``, a warning), so a crafted checkpoint could otherwise run code.
+The load paths, each checked: the manifest and every ``state.json`` schema are JSON, decoded into plain values,
+tensors, dtypes and devices only (TorchRL's state-dict adapter, used for the loss, the optimizer's state, the noise
+schedule, :class:`~torchrl.checkpoint.GlobalRNGState`, the collector, the simulators and the pending metrics); their
+tensors are memory-mapped ``.memmap`` files read through ``tensordict.load``; the replay buffer's storage is
+``torch.load(weights_only=True)``, its writer JSON and a ``.memmap``, its sampler nothing (``SliceSampler`` saves no
+state).
 
 Two components need more than TorchRL's generic adapters, each through an adapter of its own:
 

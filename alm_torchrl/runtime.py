@@ -2,7 +2,7 @@
 
 Threads. torch's default is one intra-op thread per physical core, which collapses when other processes are busy on
 the same cores: every parallel region waits for its slowest thread, and a thread the scheduler has put aside holds the
-others up for a whole time slice. With one other process busy on a 2-core VM, two threads made the update 3 to 17
+others up for a whole time slice. With one other process busy on a 2-core VM, two threads made the update 5 to 29
 times slower than one thread, from tiny networks (batch 16, hidden 32) to hidden 256 at batch 256
 (``benchmarks/README.md``). :class:`AdaptiveThreads` therefore gives the update the cores that the other processes
 leave free (measured from ``/proc/stat``), never more than this process may use (its CPU affinity, a cgroup CPU quota,
@@ -42,7 +42,9 @@ def configure_cpu_runtime(num_threads: int | None = None, *, keep_freed_memory: 
     """
     if num_threads is not None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer or None (chosen per machine), got {num_threads!r}")
+            raise ValueError(
+                f"num_threads must be a positive integer or None (chosen per machine), got {num_threads!r}"
+            )
         torch.set_num_threads(num_threads)
     if not keep_freed_memory or not sys.platform.startswith("linux"):
         return

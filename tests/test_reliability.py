@@ -40,8 +40,8 @@ from conftest import TINY_RECIPE
 TESTS = Path(__file__).resolve().parent
 FAULTS = TESTS / "faults.py"
 RECIPE = TESTS.parent / "recipes" / "alm" / "alm.py"
-# 200 frames of HalfCheetah (50-step episodes): 100 random, then 110 updates (from the batch of frame 100 on); evaluations (2 episodes, side by side)
-# and checkpoints every 50 frames; one torch thread, as bitwise comparisons need a fixed thread count.
+# 200 frames of HalfCheetah (50-step episodes): 100 random, then 110 updates (from the batch of frame 100 on);
+# evaluations (2 episodes, side by side) and checkpoints every 50 frames; one torch thread, as bitwise comparisons need a fixed thread count.
 RUN = [*(override for override in TINY_RECIPE if not override.startswith("logger.num_eval_episodes")),
        "logger.num_eval_episodes=2", "env.name=HalfCheetah-v5", "collector.total_frames=200", "logger.eval_iter=50",
        "checkpoint.interval=50", "replay_buffer.size=1000", "compile.num_threads=1"]
@@ -150,7 +150,7 @@ def test_a_second_ctrl_c_stops_at_once_without_writing(tmp_path):
     assert result.returncode == 130, result.stderr[-3000:]
     assert "SIGINT received: finishing the current batch of updates, then writing a checkpoint and stopping (Ctrl-C " \
            "again to stop at once without writing)" in result.stderr
-    assert _errors(result) == ["alm.py: interrupted again: stopped at once, without writing a checkpoint"]
+    assert _errors(result) == ["alm.py: interrupted: stopped at once, without writing a checkpoint"]
     # The interrupted write left nothing behind; frame 50's checkpoint is the last one, whole.
     assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-000000000050"]
     TrainingCheckpoints.verify(tmp_path / "checkpoints")
@@ -189,8 +189,8 @@ def test_a_non_finite_reward_from_the_env_stops_the_run_with_one_line_and_is_nev
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert _errors(result) == [
         "alm.py: non-finite ('next', 'reward') (nan) at frame 57 (step 7 of its episode) in the collected data; it "
-        f"was not stored and the run stops; the last checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-000000000050'}"
-        " (frame 50)"]
+        "was not stored and the run stops; the last checkpoint is "
+        f"{tmp_path / 'checkpoints' / 'checkpoint-000000000050'} (frame 50)"]
 
 
 def test_check_finite_names_the_first_bad_frame_and_key():

@@ -201,7 +201,7 @@ def test_joblib_local_pool_runs_two_seeds_like_submitit(tmp_path, submitit_sweep
 
 
 def _submitit_task_pid(sweep_dir: Path) -> int | None:
-    """The pid of the process running a job of ``sweep_dir``: ``python -m submitit.core._submit <sweep>/.submitit/..``."""
+    """The pid of the process running a job of ``sweep_dir`` (``python -m submitit.core._submit <its folder>``)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -73,7 +73,7 @@ def exit_on_config_error(main):
         except ConfigError as err:
             sys.exit(f"alm.py: invalid config: {err}")
         except KeyboardInterrupt:
-            tqdm.tqdm.write("alm.py: interrupted again: stopped at once, without writing a checkpoint", file=sys.stderr)
+            tqdm.tqdm.write("alm.py: interrupted: stopped at once, without writing a checkpoint", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
@@ -129,7 +129,7 @@ def main(cfg: DictConfig) -> None:
             # runs the policy once), as it did before the checkpoint in the run that wrote it.
             checkpoints.load(resume, device=device, verify=False)  # validate_config verified every file
             collected_frames, num_updates = resumed["collected_frames"], resumed["num_updates"]
-            last_checkpoint, last_checkpoint_frames = resume, collected_frames
+            last_checkpoint, last_checkpoint_frames = TrainingCheckpoints.find(resume).resolve(), collected_frames
             restarts = ""
             if not checkpoints.collector_state.restored_episode:  # a task whose simulator state is not saved
                 train_env.set_seed(cfg.env.seed + collected_frames)  # not a repeat of the first episode

@@ -337,7 +337,9 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
     (:meth:`TrainingCheckpoints.verify <alm_torchrl.checkpoint.TrainingCheckpoints.verify>`: sizes, checksums, and no
     file whose loading could run code).
     """
-    name = f"checkpoint.resume={cfg.checkpoint.resume!r}" + (f" ({resume})" if cfg.checkpoint.resume == RESUME_AUTO else "")
+    name = f"checkpoint.resume={cfg.checkpoint.resume!r}"
+    if cfg.checkpoint.resume == RESUME_AUTO:
+        name += f" ({resume})"
     try:
         stored = TrainingCheckpoints.metadata(resume)
     except FileNotFoundError:
@@ -395,7 +397,8 @@ def make_adaptive_threads(cfg: DictConfig, learner: "Learner", device: torch.dev
     if cfg.compile.num_threads is not None:
         return None
     num_parameters = sum(parameter.numel() for parameter in learner.loss.parameters())
-    gflop = 0.0 if device.type == "cuda" else estimate_update_gflop(num_parameters, cfg.optim.batch_size * cfg.loss.horizon)
+    transitions = cfg.optim.batch_size * cfg.loss.horizon
+    gflop = 0.0 if device.type == "cuda" else estimate_update_gflop(num_parameters, transitions)
     return AdaptiveThreads(gflop)
 
 
