@@ -17,7 +17,10 @@ from functools import partial
 from typing import Any
 
 import gymnasium
+import mujoco
+import numpy as np
 import torch
+from gymnasium.envs.mujoco import MujocoEnv
 from tensordict import TensorDictBase
 from torchrl.envs import (
     Compose,
@@ -36,6 +39,7 @@ __all__ = [
     "DEFAULT_REPLAY_BUFFER_SIZE",
     "ENV_PRESETS",
     "EnvPreset",
+    "SimulatorState",
     "check_env_name",
     "make_env",
     "replay_buffer_size_for",
@@ -186,3 +190,79 @@ def rollout_episodes(
         lengths = torch.where(done.any(-1), done.int().argmax(-1) + 1, rollout.shape[-1])
         episodes += [episode[:length] for episode, length in zip(rollout.unbind(0), lengths.tolist())]
     return episodes if num_episodes is None else episodes[:num_episodes]
+
+
+class SimulatorState:
+    """The state of an env's simulators that its next steps and resets depend on, as a checkpoint component.
+
+    ``state_dict()`` holds, for each copy of the task in ``env`` (one, or ``num_envs`` from :func:`make_env`), the
+    random generator its resets draw from (gymnasium's ``np_random``) and the simulator's state: MuJoCo's full
+    integration state (``mj_getState(mjSTATE_INTEGRATION)``, the state from which MuJoCo reproduces the next step
+    bitwise) for gymnasium's MuJoCo tasks, the ``state`` array for classic-control tasks such as Pendulum.
+    ``load_state_dict`` puts them back. :attr:`restorable` is False for a task whose state this cannot capture: its
+    ``state_dict()`` is then empty and the caller must start a fresh episode after loading.
+    TorchRL's own per-step state (the observation, step count, episode return) lives in the tensordict a
+    collector carries from step to step, not here.
+    """
+
+    def __init__(self, env: EnvBase) -> None:
+        self.env = env
+
+    def _copies(self) -> list[gymnasium.Env]:
+        base = getattr(self.env, "base_env", self.env)
+        # GymLikeEnv keeps the gymnasium env it wraps in ``_env`` (a vector env for make_env(num_envs > 1)).
+        gym_env = getattr(base, "_env", None)
+        if gym_env is None:
+            return []
+        return [copy.unwrapped for copy in getattr(gym_env, "envs", [gym_env])]
+
+    @property
+    def restorable(self) -> bool:
+        copies = self._copies()
+        return bool(copies) and all(_simulator_kind(copy) is not None for copy in copies)
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.restorable:
+            return {}
+        return {"copies": [_copy_state(copy) for copy in self._copies()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        copies = self._copies()
+        saved = state.get("copies")
+        if saved is None or len(saved) != len(copies) or not self.restorable:
+            raise ValueError(
+                f"cannot restore the simulator state of {len(saved or [])} env copies into {type(self.env).__name__} "
+                f"with {len(copies)} restorable copies"
+            )
+        for copy, copy_state in zip(copies, saved):
+            _load_copy_state(copy, copy_state)
+
+
+def _simulator_kind(env: gymnasium.Env) -> str | None:
+    if isinstance(env, MujocoEnv):
+        return "mujoco"
+    if isinstance(getattr(env, "state", None), np.ndarray):
+        return "state"
+    return None
+
+
+def _copy_state(env: gymnasium.Env) -> dict[str, Any]:
+    kind = _simulator_kind(env)
+    if kind == "mujoco":
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        simulator = np.empty(mujoco.mj_stateSize(env.model, spec))
+        mujoco.mj_getState(env.model, env.data, simulator, spec)
+    else:
+        simulator = env.state
+    # np_random's bit generator state: plain ints (PCG64) or arrays (MT19937), both stored without pickle.
+    return {"np_random": env.np_random.bit_generator.state, kind: torch.from_numpy(simulator.copy())}
+
+
+def _load_copy_state(env: gymnasium.Env, state: dict[str, Any]) -> None:
+    env.np_random.bit_generator.state = state["np_random"]
+    kind = _simulator_kind(env)
+    simulator = state[kind].cpu().numpy()
+    if kind == "mujoco":
+        mujoco.mj_setState(env.model, env.data, simulator, mujoco.mjtState.mjSTATE_INTEGRATION)
+    else:
+        env.state = simulator.astype(env.state.dtype, copy=True)

@@ -12,13 +12,12 @@ and the sampled slices get their stacks back from a buffer transform.
 from __future__ import annotations
 
 import torch
-from tensordict import TensorDictBase
-from tensordict.utils import NestedKey
+from tensordict import NestedKey, TensorDictBase
 from torchrl.data import LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 
 from alm_torchrl.frames import FrameStackStorage
 
-__all__ = ["TRAJ_KEY", "make_replay_buffer", "sample_slices"]
+__all__ = ["TRAJ_KEY", "NonFiniteDataError", "check_finite", "make_replay_buffer", "sample_slices"]
 
 TRAJ_KEY = ("collector", "traj_ids")
 
@@ -88,6 +87,37 @@ def sample_slices(buffer: TensorDictReplayBuffer, batch_size: int, slice_len: in
             f"({_stored_lengths_summary(buffer)}); collect more steps or lower slice_len"
         ) from err
     return flat.reshape(batch_size, slice_len)
+
+
+class NonFiniteDataError(ValueError):
+    """Collected data holds a NaN or an infinite value; the message names the key, the frame and the value."""
+
+    def __init__(self, key: NestedKey, frame: int, value: float, episode_step: int | None = None) -> None:
+        where = f"frame {frame}" + (f" (step {episode_step} of its episode)" if episode_step is not None else "")
+        super().__init__(f"non-finite {key!r} ({value}) at {where}")
+        self.key, self.frame, self.value, self.episode_step = key, frame, value, episode_step
+
+
+def check_finite(batch: TensorDictBase, first_frame: int = 1) -> None:
+    """Raise :class:`NonFiniteDataError` if a floating-point entry of a collected ``batch`` is NaN or infinite.
+
+    ``batch`` is a flat ``[T]`` batch of transitions, the first of which is frame ``first_frame`` of the run (counted
+    from 1); the error names the first bad frame and its key (and the episode step, from ``("next", "step_count")``
+    when the batch has it). One vectorised ``isfinite`` per floating-point entry and one host sync per batch: run it
+    on every collected batch before storing it, and a NaN never reaches the replay buffer.
+    """
+    entries = [(key, value) for key, value in batch.items(True, True) if value.is_floating_point()]
+    if not entries:
+        return
+    finite = torch.stack([torch.isfinite(value).reshape(value.shape[0], -1).all(-1) for _, value in entries])
+    if bool(finite.all()):
+        return
+    index = int((~finite).any(0).nonzero()[0])  # the first bad frame, then its first bad key
+    key, value = entries[int((~finite[:, index]).nonzero()[0])]
+    bad = value[index].reshape(-1)
+    step_count = batch.get(("next", "step_count"), None)
+    episode_step = int(step_count[index].reshape(-1)[0]) if step_count is not None else None
+    raise NonFiniteDataError(key, first_frame + index, bad[~torch.isfinite(bad)][0].item(), episode_step)
 
 
 def _stored_lengths_summary(buffer: TensorDictReplayBuffer) -> str:

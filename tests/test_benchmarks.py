@@ -170,3 +170,20 @@ def test_benchmarks_reject_too_few_updates_or_steps(script, argv, message, capsy
     with pytest.raises(SystemExit):
         script.parse_args(argv)
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_soak_watches_a_real_recipe_run_and_summarises_growth_after_warm_up(capsys):
+    import soak  # noqa: E402
+
+    summary = soak.main(["--updates", "200", "--sample-every", "50", "--warmup-updates", "0", "--warmup-frames", "100",
+                         "--interval", "100", "--env", "Pendulum-v1", "env.max_episode_steps=50"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1] == summary and summary["exit_code"] == 0
+    samples = lines[:-1]
+    # A sample at each log (episode ends, every 50 frames) once 50 more updates ran: updates start at frame 100.
+    assert [sample["updates"] for sample in samples] == [60, 110, 160]
+    for sample in samples:
+        assert sample["rss_mb"] > 50 and sample["open_fds"] > 3 and sample["update_ms_mean"] > 0
+    assert samples[1]["window_update_ms"] == pytest.approx(
+        (samples[1]["update_ms_mean"] * 110 - samples[0]["update_ms_mean"] * 60) / 50)
+    assert {"rss_growth", "open_fds_growth", "update_ms_growth", "flat"} <= set(summary)

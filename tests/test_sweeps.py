@@ -9,9 +9,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,7 +113,9 @@ def test_launcher_configs_compose():
     slurm = _compose("hydra/launcher=slurm", hydra_config=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher")
     assert (slurm.gpus_per_node, slurm.cpus_per_task, slurm.mem_gb, slurm.timeout_min) == (1, 4, 32, 720)
-    assert slurm.partition is None and slurm.max_num_timeout == 0
+    assert slurm.partition is None
+    # Requeued on time-outs (and preemptions), with 5 minutes to checkpoint between the warning signal and the kill.
+    assert (slurm.max_num_timeout, slurm.signal_delay_s) == (3, 300)
     slurm_local = _compose("hydra/launcher=slurm_local", hydra_config=True).hydra.launcher
     assert slurm_local._target_.endswith("submitit_launcher.LocalLauncher") and slurm_local.gpus_per_node == 0
     sweep = OmegaConf.to_container(_compose(hydra_config=True).hydra.sweep, resolve=False)
@@ -194,3 +198,44 @@ def test_joblib_local_pool_runs_two_seeds_like_submitit(tmp_path, submitit_sweep
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     # Same seeds, same single-threaded CPU runs: the launcher does not change the results.
     assert _check_job_dirs(sweep_dir) == submitit_sweep
+
+
+def _submitit_task_pid(sweep_dir: Path) -> int | None:
+    """The pid of the process running a job of ``sweep_dir`` (``python -m submitit.core._submit <its folder>``)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in command and any(str(sweep_dir).encode() in part for part in command):
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process in /proc")
+def test_a_submitit_job_signalled_before_its_time_limit_checkpoints_is_requeued_and_resumes_in_its_job_dir(tmp_path):
+    sweep_dir = tmp_path / "multirun"
+    command = [sys.executable, str(RECIPE), "-m", "hydra/launcher=slurm_local", f"hydra.sweep.dir={sweep_dir}",
+               *SWEEP_RUN, "checkpoint.interval=50", "env.seed=0"]
+    sweep = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    job_dir = sweep_dir / "Pendulum-v1" / "seed0_job0"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(job_dir.glob("checkpoints/checkpoint-*")):  # the job is training
+            assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[1][-3000:]
+            time.sleep(0.2)
+        # What SLURM sends signal_delay_s before the time limit, as submitit's local executor does 30 s before it.
+        os.kill(_submitit_task_pid(sweep_dir), signal.SIGUSR2)
+        _, stderr = sweep.communicate(timeout=180)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, stderr[-3000:]
+    (log,) = sweep_dir.glob(".submitit/*/*_0_log.err")  # both attempts of the job write to it
+    stopped = re.search(r"alm\.py: stopped by SIGUSR2 at frame (\d+) \(checkpoint ", log.read_text())
+    assert stopped, log.read_text()[-3000:]
+    frame = int(stopped.group(1))
+    assert f"Resumed from {job_dir / 'checkpoints'} at frame {frame}\n" in log.read_text()
+    # The requeued job continued in the same job dir, its logs too: every evaluation once, in order.
+    assert TrainingCheckpoints.metadata(job_dir / "checkpoints")["collected_frames"] == 200
+    (csv,) = job_dir.glob("alm_logging/*/scalars/eval/return_mean.csv")
+    assert [row.split(",")[0] for row in csv.read_text().splitlines()] == ["100", "200"]

@@ -6,6 +6,10 @@
 Collect ``frames_per_batch`` steps with the noisy policy, store them, then run ``frames_per_batch * utd_ratio``
 updates on ``[batch_size, horizon]`` slices; evaluate, log and checkpoint on frame intervals. The factories are in
 ``utils.py``.
+
+SIGTERM, SIGUSR1, SIGUSR2 (a cluster's preemption or time-limit warning) and a first Ctrl-C finish the current batch
+of updates, write a checkpoint and exit with status 75 (``RESUMABLE_EXIT_CODE``); run the same command in the same
+run directory again (``checkpoint.resume=auto``, the default) and it continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import functools
 import logging
 import os
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,26 +26,32 @@ import hydra
 import numpy as np
 import torch
 import tqdm
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from tensordict import TensorDict
 from torchrl import timeit
 
+from alm_torchrl.checkpoint import TrainingCheckpoints
 from alm_torchrl.evaluation import evaluate, lower_bound_bias
-from alm_torchrl.replay import TRAJ_KEY, sample_slices
+from alm_torchrl.preemption import RESUMABLE_EXIT_CODE, StopSignals
+from alm_torchrl.replay import TRAJ_KEY, NonFiniteDataError, check_finite, sample_slices
 from alm_torchrl.update import NonFiniteGradientError
 from utils import (
     apply_schema,
     checkpoint_metadata,
     ConfigError,
     configure_runtime,
-    log_metrics,
+    make_adaptive_threads,
     make_checkpoints,
     make_collector,
     make_environment,
     make_learner,
     make_logger,
     make_replay_buffer,
+    MetricsLog,
     resolve_device,
+    RESUME_AUTO,
+    resume_checkpoint,
+    UpdateMetrics,
     updates_per_batch,
     validate_config,
 )
@@ -52,7 +63,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).pare
 
 
 def exit_on_config_error(main):
-    """A bad config value ends the run with one ``alm.py: invalid config: ...`` line, before any training."""
+    """A bad config value ends the run with one ``alm.py: invalid config: ...`` line, before any training; a second
+    Ctrl-C (the first one checkpoints) with one line, at once."""
 
     @functools.wraps(main)
     def wrapper(cfg: DictConfig) -> None:
@@ -60,17 +72,32 @@ def exit_on_config_error(main):
             main(cfg)
         except ConfigError as err:
             sys.exit(f"alm.py: invalid config: {err}")
+        except KeyboardInterrupt:
+            tqdm.tqdm.write("alm.py: interrupted: stopped at once, without writing a checkpoint", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper
+
+
+def continue_command() -> str:
+    """The command that continues this run: the same overrides, in the same run directory."""
+    overrides = [*HydraConfig.get().overrides.task, f"hydra.run.dir={os.getcwd()}"]
+    return shlex.join([Path(sys.executable).name, str(Path(__file__).resolve()), *overrides])
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")
 @exit_on_config_error
 def main(cfg: DictConfig) -> None:
-    if cfg.checkpoint.resume:
+    if cfg.checkpoint.resume not in (None, RESUME_AUTO):
         cfg.checkpoint.resume = hydra.utils.to_absolute_path(cfg.checkpoint.resume)
     cfg = apply_schema(cfg)
     validate_config(cfg)
+    resume = resume_checkpoint(cfg)  # with checkpoint.resume=auto: this run dir's own checkpoint, if any
+    resumed = TrainingCheckpoints.metadata(resume) if resume is not None else None
+    if resumed is not None and resumed["collected_frames"] >= cfg.collector.total_frames:  # only with auto
+        print(f"alm.py: {resume.resolve()} holds this run, finished at frame {resumed['collected_frames']}",
+              file=sys.stderr)
+        return
     # The progress bar and real warnings only: no TorchRL INFO lines (spec checks, storage initialisation).
     logging.getLogger("torchrl").setLevel(logging.WARNING)
     device = resolve_device(cfg)
@@ -80,110 +107,150 @@ def main(cfg: DictConfig) -> None:
     np.random.seed(cfg.env.seed)
     random.seed(cfg.env.seed)
 
-    # Environments: the env steps on the CPU (MuJoCo); the policy and learner run on `device`.
-    train_env, eval_env = make_environment(cfg)
+    say = functools.partial(tqdm.tqdm.write, file=sys.stderr)  # a line of its own, not after the progress bar's
+    with StopSignals(announce=say) as stop:  # SIGTERM, SIGUSR1/2, Ctrl-C: stop after this batch of updates, checkpoint
+        # Environments: the env steps on the CPU (MuJoCo); the policy and learner run on `device`.
+        train_env, eval_env = make_environment(cfg)
 
-    # Networks, loss, target updater, optimizer and the update step; then the replay buffer.
-    learner = make_learner(cfg, train_env, device)
-    agent, loss, update = learner.agent, learner.loss, learner.update
-    replay_buffer = make_replay_buffer(cfg, device)
-    checkpoints = make_checkpoints(cfg, learner, replay_buffer)
+        # Networks, loss, target updater, optimizer and the update step; torch's threads; the replay buffer.
+        learner = make_learner(cfg, train_env, device)
+        agent, loss, update = learner.agent, learner.loss, learner.update
+        threads = make_adaptive_threads(cfg, learner, device)
+        replay_buffer = make_replay_buffer(cfg, device)
+        collector = make_collector(cfg, train_env, agent.policy, device)
+        update_metrics = UpdateMetrics()  # averaged over the updates between two logs
+        checkpoints = make_checkpoints(cfg, learner, replay_buffer, collector=collector, eval_env=eval_env,
+                                       update_metrics=update_metrics)
 
-    collected_frames = num_updates = 0
-    traj_id_offset = 0
-    if cfg.checkpoint.resume:
-        stored = checkpoints.load(cfg.checkpoint.resume, device=device)
-        collected_frames, num_updates = stored["collected_frames"], stored["num_updates"]
-        # New trajectory ids must not continue a stored trajectory, or the slice sampler would join them.
-        traj_id_offset = int(replay_buffer.storage[: len(replay_buffer)].get(TRAJ_KEY).max()) + 1
-        train_env.set_seed(cfg.env.seed + collected_frames)
-        print(f"Resumed from {cfg.checkpoint.resume} at frame {collected_frames}", file=sys.stderr)
+        collected_frames = num_updates = 0
+        last_checkpoint = last_checkpoint_frames = None
+        if resume is not None:
+            # Loaded after everything is built, the RNG states last: building draws random numbers (the collector
+            # runs the policy once), as it did before the checkpoint in the run that wrote it.
+            checkpoints.load(resume, device=device, verify=False)  # validate_config verified every file
+            collected_frames, num_updates = resumed["collected_frames"], resumed["num_updates"]
+            last_checkpoint, last_checkpoint_frames = TrainingCheckpoints.find(resume).resolve(), collected_frames
+            restarts = ""
+            if not checkpoints.collector_state.restored_episode:  # a task whose simulator state is not saved
+                train_env.set_seed(cfg.env.seed + collected_frames)  # not a repeat of the first episode
+                collector.reset()
+                restarts = "; the episode in progress restarts"
+            print(f"Resumed from {resume.resolve()} at frame {collected_frames}{restarts}", file=sys.stderr)
 
-    collector = make_collector(cfg, train_env, agent.policy, device, collected_frames)
-    logger = make_logger(cfg)
-    num_updates_per_batch = updates_per_batch(cfg)
-    last_checkpoint, last_checkpoint_frames = None, None
+        logger = make_logger(cfg, resumed)  # a run resumed in place goes on writing its own logs
+        metrics_log = MetricsLog(logger, announce=say)
+        num_updates_per_batch = updates_per_batch(cfg)
 
-    def checkpoint() -> None:
-        nonlocal last_checkpoint, last_checkpoint_frames
-        if last_checkpoint_frames != collected_frames:
-            metadata = checkpoint_metadata(cfg, collected_frames, num_updates)
-            last_checkpoint, last_checkpoint_frames = checkpoints.save(collected_frames, metadata), collected_frames
+        def kept() -> str:
+            if last_checkpoint is None:
+                return "no checkpoint was written yet"
+            return f"the last checkpoint is {last_checkpoint} (frame {last_checkpoint_frames})"
 
-    pbar = tqdm.tqdm(total=cfg.collector.total_frames, initial=collected_frames, unit="frames")
-    # Running sums of the update metrics since the last log. Keeping every update's output alive instead
-    # pins freed activation memory on the CPU heap (RSS grew by ~3 MB per update in our measurements).
-    metric_sums: TensorDict | None = None
-    num_pending_updates = 0
-    last_eval_return = float("nan")
-    collector_iter = iter(collector)
-    for _ in range(len(collector)):
-        with timeit("collect"):
-            data = next(collector_iter)
-        data[TRAJ_KEY] += traj_id_offset
-        frames = data.numel()
-        previous_frames, collected_frames = collected_frames, collected_frames + frames
-        pbar.update(frames)
-        # Store only what the loss and the slice sampler read, not the policy's latents (3 x 50 floats a step).
-        replay_buffer.extend(data.reshape(-1).select(*loss.in_keys, TRAJ_KEY))
+        def checkpoint(then: str) -> bool:
+            """Write a checkpoint of the current frame, unless one exists. A write that fails (a full disk) leaves the
+            previous checkpoint whole and says so in one line, ending with ``then``; returns whether it was written."""
+            nonlocal last_checkpoint, last_checkpoint_frames
+            if last_checkpoint_frames == collected_frames:
+                return True
+            metadata = checkpoint_metadata(cfg, collected_frames, num_updates, metrics_log.logger)
+            try:
+                last_checkpoint = checkpoints.save(collected_frames, metadata)
+            except OSError as err:
+                say(f"alm.py: the checkpoint of frame {collected_frames} was not written ({err}); {kept()}; {then}")
+                return False
+            last_checkpoint_frames = collected_frames
+            return True
 
-        if collected_frames >= cfg.collector.init_random_frames:
-            # The noise anneals over the frames collected after the warm-up; the losses sample with the same std.
-            if agent.exploration_noise is not None:
-                agent.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
-                loss.actor_std = float(agent.exploration_noise.sigma)
-            for _ in range(num_updates_per_batch):
-                try:
-                    batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
-                except RuntimeError as err:  # e.g. every stored episode is shorter than the horizon
-                    sys.exit(f"alm.py: {err} (frame {collected_frames})")
-                with timeit("update"):
+        pbar = tqdm.tqdm(total=cfg.collector.total_frames, initial=collected_frames, unit="frames")
+
+        def fail(message: str) -> None:
+            pbar.close()
+            sys.exit(f"alm.py: {message}")
+
+        last_eval_return = float("nan")
+        collector_iter = iter(collector)
+        while collected_frames < cfg.collector.total_frames and not stop.requested:
+            with timeit("collect"):
+                data = next(collector_iter)
+            frames = data.numel()
+            previous_frames, collected_frames = collected_frames, collected_frames + frames
+            pbar.update(frames)
+            # Store only what the loss and the slice sampler read, not the policy's latents (3 x 50 floats a step),
+            # and never a NaN or infinity (one check per batch).
+            stored = data.reshape(-1).select(*loss.in_keys, TRAJ_KEY, ("next", "step_count"))
+            try:
+                check_finite(stored, first_frame=previous_frames + 1)
+            except NonFiniteDataError as err:
+                fail(f"{err} in the collected data; it was not stored and the run stops; {kept()}")
+            replay_buffer.extend(stored.exclude(("next", "step_count")))
+
+            if collected_frames >= cfg.collector.init_random_frames:
+                # The noise anneals over the frames collected after the warm-up; the losses sample with the same std.
+                if agent.exploration_noise is not None:
+                    agent.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
+                    loss.actor_std = float(agent.exploration_noise.sigma)
+                for _ in range(num_updates_per_batch):
                     try:
-                        update_metrics = update(batch)
-                    except NonFiniteGradientError as err:
-                        kept = f"kept at {last_checkpoint}" if last_checkpoint else "none was written yet"
-                        sys.exit(
-                            f"alm.py: {err}, found at frame {collected_frames} (update {num_updates}); "
-                            f"the last good checkpoint is {kept}"
-                        )
-                metric_sums = update_metrics.clone() if metric_sums is None else metric_sums.add_(update_metrics)
-                num_pending_updates += 1
-                num_updates += 1
+                        batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
+                    except RuntimeError as err:  # e.g. every stored episode is shorter than the horizon
+                        fail(f"{err} (frame {collected_frames})")
+                    with timeit("update"):
+                        try:
+                            update_metrics.add(update(batch))
+                        except NonFiniteGradientError as err:
+                            fail(f"{err}, found at frame {collected_frames} (update {num_updates}); {kept()}")
+                    num_updates += 1
+                if threads is not None:
+                    threads.update()  # follows the load of the machine, every half minute
 
-        # Training metrics are averaged and logged at episode ends, not every batch of 10 frames.
-        done = data["next", "done"].squeeze(-1)
-        metrics: dict[str, float] = {}
-        if done.any():
-            metrics["train/episode_return"] = data["next", "episode_reward"][done].mean().item()
-            metrics["train/episode_length"] = data["next", "step_count"][done].float().mean().item()
-            if num_pending_updates:
-                means = metric_sums / num_pending_updates
-                metrics.update({f"train/{key}": value.item() for key, value in means.items()})
-                metric_sums, num_pending_updates = None, 0
-            metrics["train/num_updates"] = num_updates
-            metrics["train/actor_std"] = float(loss.actor_std)
-            metrics["train/frames_per_s"] = pbar.format_dict["rate"] or 0.0
-            metrics.update(timeit.todict(prefix="time"))
+            # Training metrics are averaged and logged at episode ends, not every batch of 10 frames.
+            done = data["next", "done"].squeeze(-1)
+            metrics: dict[str, float] = {}
+            if done.any():
+                metrics["train/episode_return"] = data["next", "episode_reward"][done].mean().item()
+                metrics["train/episode_length"] = data["next", "step_count"][done].float().mean().item()
+                metrics.update({f"train/{key}": value for key, value in update_metrics.pop_means().items()})
+                metrics["train/num_updates"] = num_updates
+                metrics["train/actor_std"] = float(loss.actor_std)
+                metrics["train/frames_per_s"] = pbar.format_dict["rate"] or 0.0
+                metrics.update(timeit.todict(prefix="time"))
 
-        if collected_frames // cfg.logger.eval_iter > previous_frames // cfg.logger.eval_iter:
-            with timeit("eval"):
-                result = evaluate(eval_env, agent.eval_policy, cfg.logger.num_eval_episodes, cfg.env.max_episode_steps)
-            if cfg.logger.lower_bound_bias:
-                with timeit("eval_lower_bound"):
-                    result.update(lower_bound_bias(eval_env, loss, agent.eval_policy, cfg.logger.num_eval_episodes,
-                                                   cfg.loss.horizon, max_steps=cfg.env.max_episode_steps))
-            last_eval_return = result["return_mean"]
-            metrics.update({f"eval/{key}": value for key, value in result.items()})
-            pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")
+            if collected_frames // cfg.logger.eval_iter > previous_frames // cfg.logger.eval_iter:
+                with timeit("eval"):
+                    result = evaluate(eval_env, agent.eval_policy, cfg.logger.num_eval_episodes,
+                                      cfg.env.max_episode_steps)
+                if cfg.logger.lower_bound_bias:
+                    with timeit("eval_lower_bound"):
+                        result.update(lower_bound_bias(eval_env, loss, agent.eval_policy,
+                                                       cfg.logger.num_eval_episodes, cfg.loss.horizon,
+                                                       max_steps=cfg.env.max_episode_steps))
+                last_eval_return = result["return_mean"]
+                metrics.update({f"eval/{key}": value for key, value in result.items()})
+                pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")
 
-        log_metrics(logger, metrics, step=collected_frames)
-        if collected_frames // cfg.checkpoint.interval > previous_frames // cfg.checkpoint.interval:
-            checkpoint()
+            metrics_log.log(metrics, step=collected_frames)
+            if collected_frames // cfg.checkpoint.interval > previous_frames // cfg.checkpoint.interval:
+                next_try = (collected_frames // cfg.checkpoint.interval + 1) * cfg.checkpoint.interval
+                checkpoint(then=f"training goes on and tries again at frame {next_try}")
 
-    checkpoint()
-    pbar.close()
-    collector.shutdown()
-    eval_env.close()
+        pbar.close()
+        finished = collected_frames >= cfg.collector.total_frames
+        if finished:
+            written = checkpoint(then="the run is over")
+        else:  # stopped by a signal
+            written = collected_frames == 0 or checkpoint(then="stopping anyway")
+        collector.shutdown()
+        eval_env.close()
+
+    if not finished:  # the signal handlers are back to what they were
+        saved = (f"checkpoint {last_checkpoint}" if written and collected_frames
+                 else "nothing to save yet" if not collected_frames else kept())
+        print(f"alm.py: stopped by {stop.requested.name} at frame {collected_frames} ({saved}), to be resumed: "
+              f"{continue_command()}", file=sys.stderr, flush=True)
+        stop.forward()  # submitit's handler, when it runs us: requeues the job and exits
+        sys.exit(RESUMABLE_EXIT_CODE)
+    if not written:
+        sys.exit(f"alm.py: finished at frame {collected_frames}, but its final checkpoint could not be written")
     print(f"Done: {collected_frames} frames, {num_updates} updates, last eval return {last_eval_return:.1f}")
 
 

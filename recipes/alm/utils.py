@@ -17,6 +17,7 @@ Config checking happens in three places, each value checked once:
 All of them raise :class:`ConfigError`, which ``alm.py`` prints as one ``alm.py: invalid config: ...`` line.
 """
 
+import csv
 import functools
 import importlib.util
 import math
@@ -29,9 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch._inductor.config
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torchrl.collectors import Collector
 from torchrl.data import TensorDictReplayBuffer
 from torchrl.envs import EnvBase, TransformedEnv
@@ -39,12 +41,14 @@ from torchrl.objectives import SoftUpdate
 from torchrl.record.loggers import Logger, generate_exp_name, get_logger
 
 from alm_torchrl import ALMModules, make_alm_modules
-from alm_torchrl.checkpoint import CheckpointError, TrainingCheckpoints
+from alm_torchrl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, CheckpointError, TrainingCheckpoints
 from alm_torchrl.envs import check_env_name, make_env, replay_buffer_size_for
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer as make_slice_replay_buffer
 from alm_torchrl.runtime import (
+    AdaptiveThreads,
     configure_cpu_runtime,
+    estimate_update_gflop,
     skip_pandas_lookup_in_tensordict_from_any,
     torch_compile_failure,
 )
@@ -52,8 +56,6 @@ from alm_torchrl.update import make_optimizer as make_grouped_optimizer
 from alm_torchrl.update import make_target_updater, make_update
 
 RECIPE_DIR = Path(__file__).resolve().parent
-CHECKPOINT_FORMAT = "alm-torchrl/1"
-"""Written into every checkpoint's metadata; a checkpoint of another format is refused on resume."""
 # TorchRL's logger backends (torchrl.record.loggers.get_logger) and the package each needs beyond torchrl.
 LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
@@ -253,7 +255,8 @@ def replay_buffer_capacity(cfg: DictConfig) -> int:
 def validate_config(cfg: DictConfig) -> None:
     """The checks that involve several keys, the machine or a checkpoint, before anything is built.
 
-    ``cfg.checkpoint.resume`` must already be an absolute path (Hydra changes the working directory).
+    A ``cfg.checkpoint.resume`` path must already be absolute (Hydra changes the working directory); ``auto`` and
+    ``checkpoint.dir`` are read relative to the run directory.
     """
     try:
         check_env_name(cfg.env.name)
@@ -311,64 +314,130 @@ def validate_config(cfg: DictConfig) -> None:
         package = LOGGER_PACKAGES[backend]
         if package is not None and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logger.backend={backend!r} needs the {package} package: pip install {package}")
-    if cfg.checkpoint.resume:
-        validate_resume(cfg)
+    resume = resume_checkpoint(cfg)
+    if resume is not None:
+        validate_resume(cfg, resume)
+    own = Path(cfg.checkpoint.dir)
+    if _holds_checkpoints(own) and (resume is None or not _is_within(resume, own)):
+        raise ConfigError(
+            f"checkpoint.dir={cfg.checkpoint.dir!r} already holds a checkpoint of a run, which this run would replace "
+            f"(checkpoint.resume={cfg.checkpoint.resume}); continue that run with checkpoint.resume=auto, or run in "
+            "another directory (hydra.run.dir=...)"
+        )
 
 
-def validate_resume(cfg: DictConfig) -> None:
-    """``checkpoint.resume`` must hold a checkpoint of this task, network sizes and buffer capacity, not finished.
+RESUME_AUTO = "auto"
+"""``checkpoint.resume=auto`` (the default): continue from the run directory's own checkpoint when it holds one."""
 
-    Read from the checkpoint's manifest alone: networks of other sizes would fail to load with a page of tensor
-    shapes, and a buffer of another capacity would load silently wrong.
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint(s) this run continues from, or None for a fresh start.
+
+    ``checkpoint.resume=auto``: the run's own ``checkpoint.dir`` (relative to the run directory, Hydra's working
+    directory) if it holds a checkpoint: a requeued SLURM job, or the same command run again in the same run directory.
+    A path (absolute: ``alm.py`` makes it so): that checkpoint, or the newest one in that directory. null: none.
     """
     resume = cfg.checkpoint.resume
+    if not resume:
+        return None
+    if resume == RESUME_AUTO:
+        own = Path(cfg.checkpoint.dir)
+        return own if _holds_checkpoints(own) else None
+    return Path(resume)
+
+
+def _holds_checkpoints(directory: Path) -> bool:
+    """Whether ``directory`` holds a published checkpoint (damaged ones included: those must not be replaced)."""
+    return directory.is_dir() and any(
+        entry.is_dir() and not entry.name.startswith(".") for entry in directory.glob(f"{CHECKPOINT_PREFIX}-*")
+    )
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def validate_resume(cfg: DictConfig, resume: Path) -> None:
+    """``resume`` must hold an undamaged checkpoint of this task, network sizes and buffer capacity.
+
+    A finished run (all ``collector.total_frames`` collected) is refused, except with ``checkpoint.resume=auto``, where
+    ``alm.py`` reports it and exits. The manifest's metadata is checked first (networks of other sizes would fail to
+    load with a page of tensor shapes, a buffer of another capacity would load silently wrong), then every file
+    (:meth:`TrainingCheckpoints.verify <alm_torchrl.checkpoint.TrainingCheckpoints.verify>`: sizes, checksums, and no
+    file whose loading could run code).
+    """
+    name = f"checkpoint.resume={cfg.checkpoint.resume!r}"
+    if cfg.checkpoint.resume == RESUME_AUTO:
+        name += f" ({resume})"
     try:
         stored = TrainingCheckpoints.metadata(resume)
     except FileNotFoundError:
         raise ConfigError(
-            f"checkpoint.resume={resume!r}: no checkpoint there; pass a checkpoint directory (checkpoint-<frames>) or "
-            "the directory holding them"
+            f"{name}: no checkpoint there; pass a checkpoint directory (checkpoint-<frames>) or the directory "
+            "holding them"
         ) from None
     except CheckpointError as err:
-        raise ConfigError(f"checkpoint.resume={resume!r}: unreadable checkpoint: {err}") from None
+        raise ConfigError(f"{name}: {err}") from None
     if stored.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(
-            f"checkpoint.resume={resume!r} has checkpoint format {stored.get('format')!r}; this version reads "
-            f"{CHECKPOINT_FORMAT!r}"
+            f"{name}: {TrainingCheckpoints.find(resume) / 'manifest.json'} has checkpoint format "
+            f"{stored.get('format')!r}; this version reads {CHECKPOINT_FORMAT!r}"
         )
     if stored["env_name"] != cfg.env.name:
         raise ConfigError(
-            f"checkpoint.resume={resume!r} was trained on env.name={stored['env_name']!r}, not "
-            f"env.name={cfg.env.name!r}; resume with env.name={stored['env_name']}"
+            f"{name} was trained on env.name={stored['env_name']!r}, not env.name={cfg.env.name!r}; resume with "
+            f"env.name={stored['env_name']}"
         )
-    if stored["collected_frames"] >= cfg.collector.total_frames:
+    if stored["collected_frames"] >= cfg.collector.total_frames and cfg.checkpoint.resume != RESUME_AUTO:
         raise ConfigError(
-            f"checkpoint.resume={resume!r} already holds {stored['collected_frames']} frames, >= "
+            f"{name} already holds {stored['collected_frames']} frames, >= "
             f"collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
         )
     for key, value in stored["network"].items():
         if cfg.network.get(key) != value:
             raise ConfigError(
-                f"checkpoint.resume={resume!r} was trained with network.{key}={value!r}, not "
-                f"network.{key}={cfg.network.get(key)!r}; resume with network.{key}={value}"
+                f"{name} was trained with network.{key}={value!r}, not network.{key}={cfg.network.get(key)!r}; "
+                f"resume with network.{key}={value}"
             )
     if stored["replay_buffer_size"] != replay_buffer_capacity(cfg):
         raise ConfigError(
-            f"checkpoint.resume={resume!r} holds a replay buffer of {stored['replay_buffer_size']} transitions, not "
+            f"{name} holds a replay buffer of {stored['replay_buffer_size']} transitions, not "
             f"replay_buffer.size={replay_buffer_capacity(cfg)}; resume with "
             f"replay_buffer.size={stored['replay_buffer_size']}"
         )
+    try:
+        TrainingCheckpoints.verify(resume)
+    except CheckpointError as err:
+        raise ConfigError(f"{name}: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------------- factories
 def configure_runtime(cfg: DictConfig) -> None:
-    """torch's intra-op threads (``compile.num_threads``), glibc's malloc tuning, inductor's cache directory
+    """torch's intra-op threads when ``compile.num_threads`` fixes them (with ``compile.num_threads=null``,
+    :func:`make_adaptive_threads` chooses them), glibc's malloc tuning, inductor's cache directory
     (``compile.cache_dir``) and the tensordict workaround of ``alm_torchrl.runtime``."""
     with naming_config_keys(num_threads="compile.num_threads"):
         configure_cpu_runtime(cfg.compile.num_threads)
     if cfg.compile.cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cfg.compile.cache_dir).expanduser().absolute())
+    if cfg.compile.num_threads is None:
+        # Threads that follow the machine must reach compiled code too: inductor's CPU kernels otherwise keep the
+        # thread count they were compiled with.
+        torch._inductor.config.cpp.dynamic_threads = True
     skip_pandas_lookup_in_tensordict_from_any()
+
+
+def make_adaptive_threads(cfg: DictConfig, learner: "Learner", device: torch.device) -> AdaptiveThreads | None:
+    """With ``compile.num_threads=null``, torch's threads follow the machine (:class:`AdaptiveThreads
+    <alm_torchrl.runtime.AdaptiveThreads>`): the cores other processes leave free, one for a small update, and one on
+    CUDA, where the update runs on the GPU. None when ``compile.num_threads`` fixes them."""
+    if cfg.compile.num_threads is not None:
+        return None
+    num_parameters = sum(parameter.numel() for parameter in learner.loss.parameters())
+    transitions = cfg.optim.batch_size * cfg.loss.horizon
+    gflop = 0.0 if device.type == "cuda" else estimate_update_gflop(num_parameters, transitions)
+    return AdaptiveThreads(gflop)
 
 
 def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
@@ -533,22 +602,20 @@ def make_replay_buffer(cfg: DictConfig, device: torch.device) -> TensorDictRepla
         )
 
 
-def make_collector(
-    cfg: DictConfig, env: EnvBase, policy: Callable, device: torch.device, collected_frames: int = 0
-) -> Collector:
+def make_collector(cfg: DictConfig, env: EnvBase, policy: Callable, device: torch.device) -> Collector:
     """The training collector: random actions for the first ``init_random_frames``, then ``policy``.
 
-    ``collected_frames`` (on resume) shortens the run and the warm-up by what was already collected. The env steps
-    on the CPU; the policy runs and the batches are stored on ``device``. ``compile.compile`` and
-    ``compile.cudagraphs`` also compile the behaviour policy and replay it as a CUDA graph, as TorchRL's
-    ``sota-implementations`` do.
+    A resumed run restores its frame count (and the episode in progress) from the checkpoint
+    (:class:`~alm_torchrl.checkpoint.CollectorState`). The env steps on the CPU; the policy runs and the batches are
+    stored on ``device``. ``compile.compile`` and ``compile.cudagraphs`` also compile the behaviour policy and replay
+    it as a CUDA graph, as TorchRL's ``sota-implementations`` do.
     """
     return Collector(
         env,
         policy,
         frames_per_batch=cfg.collector.frames_per_batch,
-        total_frames=cfg.collector.total_frames - collected_frames,
-        init_random_frames=max(cfg.collector.init_random_frames - collected_frames, 0),
+        total_frames=cfg.collector.total_frames,
+        init_random_frames=cfg.collector.init_random_frames,
         env_device="cpu",
         policy_device=device,
         storing_device=device,
@@ -557,43 +624,154 @@ def make_collector(
     )
 
 
-def make_checkpoints(cfg: DictConfig, learner: Learner, replay_buffer: TensorDictReplayBuffer) -> TrainingCheckpoints:
-    """The run's checkpoints in ``checkpoint.dir``: the loss, optimizer, noise schedule, RNGs and replay buffer."""
+class UpdateMetrics:
+    """Running sums of the update metrics since they were last logged, averaged when logged.
+
+    Sums, not a list of every update's output: keeping those alive pins freed activation memory on the CPU heap (RSS
+    grew by ~3 MB per update in our measurements). A checkpoint component, so that a resumed run logs the same
+    averages as an uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self.sums: TensorDictBase | None = None
+        self.count = 0
+
+    def add(self, metrics: TensorDictBase) -> None:
+        self.sums = metrics.clone() if self.sums is None else self.sums.add_(metrics)
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float]:
+        """The averages since the last call (empty if no update ran), then start again."""
+        if self.sums is None:
+            return {}
+        means = {key: (value / self.count).item() for key, value in self.sums.items()}
+        self.sums, self.count = None, 0
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "sums": self.sums.to_dict() if self.sums is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
+        self.sums = TensorDict(state["sums"]) if state["sums"] else None
+
+
+def make_checkpoints(
+    cfg: DictConfig,
+    learner: Learner,
+    replay_buffer: TensorDictReplayBuffer,
+    *,
+    collector: Collector | None = None,
+    eval_env: EnvBase | None = None,
+    update_metrics: UpdateMetrics | None = None,
+) -> TrainingCheckpoints:
+    """The run's checkpoints in ``checkpoint.dir``: the loss, optimizer, noise schedule, RNGs and replay buffer, and
+    (what a resumed run needs to repeat the uninterrupted one) the collector, the evaluation env and the pending
+    update metrics."""
     return TrainingCheckpoints(
         cfg.checkpoint.dir,
         loss=learner.loss,
         optimizer=learner.optimizer,
         replay_buffer=replay_buffer,
         exploration_noise=learner.agent.exploration_noise,
+        collector=collector,
+        eval_env=eval_env,
+        extra_state={"update_metrics": update_metrics} if update_metrics is not None else None,
     )
 
 
-def checkpoint_metadata(cfg: DictConfig, collected_frames: int, num_updates: int) -> dict[str, Any]:
-    """What identifies a checkpoint of this run: :func:`validate_resume` compares it with the config on resume."""
+def checkpoint_metadata(
+    cfg: DictConfig, collected_frames: int, num_updates: int, logger: Logger | None = None
+) -> dict[str, Any]:
+    """What identifies a checkpoint of this run: :func:`validate_resume` compares it with the config on resume.
+
+    With the run's ``logger``, also its state (TorchRL's ``Logger.state_dict``: experiment name and directory, a W&B
+    run's id; not the CSV logger's copy of every scalar, which its files hold), so that a run resumed in the same run
+    directory goes on writing the same logs (:func:`make_logger`).
+    """
+    logger_state = None
+    if logger is not None:
+        logger_state = logger.state_dict()
+        logger_state.get("local", {}).pop("scalars", None)
     return {
-        "format": CHECKPOINT_FORMAT,
         "env_name": cfg.env.name,
         "collected_frames": collected_frames,
         "num_updates": num_updates,
         "network": OmegaConf.to_container(cfg.network, resolve=True),
         "replay_buffer_size": replay_buffer_capacity(cfg),
+        "logger": logger_state,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
 
-def make_logger(cfg: DictConfig) -> Logger | None:
-    """TorchRL's logger for ``logger.backend`` (None when it is empty)."""
+LOG_DIR = "alm_logging"
+
+
+def make_logger(cfg: DictConfig, resumed: dict[str, Any] | None = None) -> Logger | None:
+    """TorchRL's logger for ``logger.backend`` (None when it is empty), writing to ``alm_logging/<experiment>``.
+
+    ``resumed``: the metadata of the checkpoint the run resumed from. When that run logged to this run directory with
+    this backend (a run resumed in place: a requeued job, the same command run again), the logger goes on with the same
+    experiment (TorchRL's ``get_logger(state_dict=...)``; a W&B run is resumed); with the CSV backend the rows the
+    stopped run logged after its checkpoint are removed first, so that the resumed run's rows follow without a gap or a
+    repeat. Otherwise the logs start in a new experiment directory, their steps continuing from the checkpoint's frame
+    count.
+    """
     if not cfg.logger.backend:
         return None
+    state = (resumed or {}).get("logger")
+    in_place = (
+        state is not None
+        and resumed["config"]["logger"]["backend"] == cfg.logger.backend
+        and state.get("log_dir") == os.path.abspath(LOG_DIR)
+    )
+    if in_place and cfg.logger.backend == "csv":
+        for scalars in (Path(LOG_DIR) / state["exp_name"] / "scalars").rglob("*.csv"):
+            _drop_rows_after(scalars, resumed["collected_frames"])
     return get_logger(
         cfg.logger.backend,
-        logger_name="alm_logging",
+        logger_name=LOG_DIR,
         experiment_name=generate_exp_name("ALM", cfg.logger.exp_name),
+        state_dict=state if in_place else None,
         wandb_kwargs={"config": OmegaConf.to_container(cfg, resolve=True), "project": "alm"},
     )
 
 
-def log_metrics(logger: Logger | None, metrics: dict[str, float], step: int) -> None:
-    if logger is not None:
-        for key, value in metrics.items():
-            logger.log_scalar(key, value, step=step)
+def _drop_rows_after(scalars: Path, last_step: int) -> None:
+    """Keep the rows of one of TorchRL's CSV scalar files (``step,value``) up to ``last_step``; replaced atomically."""
+    with scalars.open(newline="") as file:
+        rows = [row for row in csv.reader(file) if row and int(row[0]) <= last_step]
+    staged = scalars.with_name(f".{scalars.name}.trim")
+    with staged.open("w", newline="") as file:
+        csv.writer(file, lineterminator="\n").writerows(rows)
+    os.replace(staged, scalars)
+
+
+class MetricsLog:
+    """Logs scalars through the run's TorchRL logger; a backend that fails mid-run is switched off with one line.
+
+    A full disk, a removed log directory or a lost W&B connection must not end a run that hours of training and its
+    checkpoints depend on: the first failure prints one line on stderr and training goes on without logging.
+    TorchRL's CSV logger keeps its files open and would write on into removed ones without an error (and recreate their
+    directories empty), so this also checks that each of its open files still has a name on disk (one ``fstat`` each).
+    """
+
+    def __init__(self, logger: Logger | None, announce: Callable[[str], None] | None = None) -> None:
+        self.logger = logger
+        self.announce = announce or functools.partial(print, file=sys.stderr)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger is None or not metrics:
+            return
+        try:
+            for key, value in metrics.items():
+                self.logger.log_scalar(key, value, step=step)
+            for path, file in getattr(self.logger.experiment, "files", {}).items():  # TorchRL's CSV experiment
+                if os.fstat(file.fileno()).st_nlink == 0:
+                    raise FileNotFoundError(f"{path} was removed while the logger was writing it")
+        except Exception as err:  # noqa: BLE001 - whatever the backend raises, training must go on
+            self.announce(
+                f"alm.py: the {type(self.logger).__name__} failed at frame {step} ({type(err).__name__}: {err}); "
+                "metrics are no longer logged, training and its checkpoints go on"
+            )
+            self.logger = None
