@@ -158,6 +158,8 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
         (["collector.init_random_frames=2", "loss.horizon=3"], "cannot fill one slice of loss.horizon=3"),
         (["replay_buffer.size=100", "optim.batch_size=512"], "replay_buffer.size=100 is smaller than one batch"),
         (["optim.lr=abc"], "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        (["replay_buffer.sampling=uniform"],
+         "replay_buffer.sampling must be one of 'transition', 'trajectory', got 'uniform'"),
         (["loss.lmbda=1.5"], "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.5"),
         (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
         (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),

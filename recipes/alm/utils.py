@@ -75,6 +75,7 @@ class CollectorConfig:
 class ReplayBufferConfig:
     size: Optional[int] = MISSING
     prefetch: Optional[int] = MISSING
+    sampling: str = MISSING
 
 
 @dataclass
@@ -476,13 +477,19 @@ def make_replay_buffer(cfg: DictConfig, device: torch.device) -> TensorDictRepla
     prefetch = cfg.replay_buffer.prefetch
     if prefetch is None:
         prefetch = 3 if device.type == "cuda" else 0
-    with naming_config_keys(size="replay_buffer.size", batch_size="optim.batch_size", slice_len="loss.horizon"):
+    with naming_config_keys(
+        size="replay_buffer.size",
+        batch_size="optim.batch_size",
+        slice_len="loss.horizon",
+        sampling="replay_buffer.sampling",
+    ):
         return make_slice_replay_buffer(
             size=replay_buffer_capacity(cfg),
             batch_size=cfg.optim.batch_size,
             slice_len=cfg.loss.horizon,
             device=device,
             prefetch=prefetch,
+            sampling=cfg.replay_buffer.sampling,
         )
 
 
