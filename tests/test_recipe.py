@@ -160,6 +160,7 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
         (["optim.lr=abc"], "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
         (["replay_buffer.sampling=uniform"],
          "replay_buffer.sampling must be one of 'transition', 'trajectory', got 'uniform'"),
+        (["logger.eval_latent=mode"], "logger.eval_latent must be 'sample' or 'mean', got 'mode'"),
         (["loss.lmbda=1.5"], "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.5"),
         (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
         (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),

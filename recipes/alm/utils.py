@@ -132,6 +132,7 @@ class LoggerConfig:
     exp_name: str = MISSING
     eval_iter: int = MISSING
     num_eval_episodes: int = MISSING
+    eval_latent: str = MISSING
     lower_bound_bias: bool = MISSING
 
 
@@ -363,6 +364,7 @@ def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMMo
         noise_init="exploration.noise_init",
         noise_end="exploration.noise_end",
         noise_annealing_frames="exploration.annealing_frames",
+        eval_latent="logger.eval_latent",
     ):
         return make_alm_modules(
             env.observation_spec_unbatched,
@@ -376,6 +378,7 @@ def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMMo
             noise_init=cfg.exploration.noise_init,
             noise_end=cfg.exploration.noise_end,
             noise_annealing_frames=cfg.exploration.annealing_frames,
+            eval_latent=cfg.logger.eval_latent,
             device=device,
         )
 
