@@ -1,6 +1,8 @@
 """Evaluation: the mean-action policy's returns, and the bias of ALM's K-step lower bound (Appendix E).
 
-:func:`evaluate` runs the evaluation episodes (the paper's protocol: the mean action, 5 episodes every 5,000 frames).
+:func:`evaluate` runs the evaluation episodes (the paper's protocol: the actor's mean action, 5 episodes every 5,000
+frames). Which latent the action is taken on is the policy's: ``make_alm_modules(eval_latent="sample")`` (the default)
+samples it from the encoder, as the reference code's evaluation does; ``eval_latent="mean"`` takes the encoder's mean.
 
 The bias of the lower bound against Monte-Carlo returns (the paper's Appendix E, Fig. 4 and 8):
 
@@ -20,14 +22,18 @@ the actor maximises (Eq. 8, with ``lambda = 1``), evaluated instead of optimised
 
 Choices, and how they relate to the reference code (``RajGhugare19/alm``, ``AlmAgent.get_lower_bound``):
 
-- **Latents: means by default.** ``z_0`` is the encoder's mean and ``z_{t+1}`` the world model's mean, so the
-  estimate is deterministic and has no sampling noise of its own; it is also the latent the evaluation policy
-  acts on under ``ExplorationType.DETERMINISTIC``. The reference code samples both; ``sample_latents=True`` does too.
-- **Encoder: the online one by default**, the one the evaluation policy acts with, so ``a_0 = pi(z_0)`` is exactly
-  the action whose return ``G_t`` measures. The reference code encodes ``s`` with the *target* encoder;
-  ``target_encoder=True`` does too. (The paper itself does not say which.)
+- **Two latents, set apart.** The *episodes* are the evaluation policy's: their actions, and so the returns ``G_t``,
+  come from the latent ``eval_policy`` acts on (sampled from the encoder with ``make_alm_modules``' default
+  ``eval_latent="sample"``, as in the reference code; the encoder's mean with ``"mean"``). The *bound* rolls out its
+  own latents: with ``sample_latents=False`` (this function's default) ``z_0`` is the encoder's mean and ``z_{t+1}``
+  the world model's mean, so the estimate has no sampling noise of its own; with ``sample_latents=True`` both are
+  sampled, as the reference code does. The recipe passes ``sample_latents=True`` when ``logger.eval_latent=sample``
+  (its default), so both follow the paper's protocol.
+- **Encoder: the online one by default**, the one the evaluation policy acts with. The reference code encodes ``s``
+  with the *target* encoder; ``target_encoder=True`` does too. (The paper itself does not say which.)
 - **First action: the one taken.** :func:`lower_bound_bias` passes each state's recorded action as ``a_0``, as the
-  reference code does (the paper writes ``L(s, a)``); with the defaults it equals ``pi(z_0)`` anyway.
+  reference code does (the paper writes ``L(s, a)``): the action of the latent the policy sampled, not ``pi(z_0)``
+  of the bound's own ``z_0`` (they are equal only when both are the encoder's mean).
 - **Sign: the paper's ``(LB - G)``**, so a negative bias means the bound sits below the returns. The reference
   code logs ``G - LB`` (the opposite sign).
 - Imagined steps never terminate (as in the actor loss and the reference code); ALM's networks have no dropout or
@@ -69,7 +75,10 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def evaluate(env: EnvBase, eval_policy: Callable, num_episodes: int, max_steps: int) -> dict[str, float]:
-    """Mean return and length of ``num_episodes`` episodes of the deterministic (mean-action) policy.
+    """Mean return and length of ``num_episodes`` episodes of ``eval_policy`` under ``ExplorationType.DETERMINISTIC``.
+
+    With ``ALMModules.eval_policy`` that is the actor's mean action, on a sampled latent or the encoder's mean as
+    ``make_alm_modules(eval_latent=...)`` chose.
 
     A batched ``env`` (``make_env(num_envs=n)``) runs ``n`` of the episodes side by side, one policy call per step
     for all of them; ``num_episodes = n`` is one rollout.
@@ -138,8 +147,8 @@ def lower_bound_bias(
 ) -> dict[str, float]:
     """Normalised bias of the lower bound against the Monte-Carlo returns of the evaluation policy (Appendix E).
 
-    Runs ``num_episodes`` episodes of ``eval_policy`` under ``ExplorationType.DETERMINISTIC`` (mean action, like
-    :func:`evaluate`), each up to ``max_steps`` steps. In each episode the discounted return
+    Runs ``num_episodes`` episodes of ``eval_policy`` under ``ExplorationType.DETERMINISTIC`` (mean action on the
+    policy's latent, sampled or the mean, like :func:`evaluate`), each up to ``max_steps`` steps. In each episode the discounted return
     ``G_t`` of the rest of the episode is computed at every step (no bootstrap after the last step), and the first
     ``num_states`` states ``s_0 .. s_{num_states - 1}`` are kept; an episode shorter than ``num_states`` contributes
     all its states. ``LB(s_t, a_t)`` is :meth:`ALMLoss.lower_bound <alm_torchrl.objectives.ALMLoss.lower_bound>` at those states with the
@@ -151,7 +160,7 @@ def lower_bound_bias(
             (:func:`alm_torchrl.envs.rollout_episodes`).
         loss: the :class:`~alm_torchrl.objectives.ALMLoss` whose networks give the bound; ``gamma`` is its
             ``value_estimator.gamma`` for both the bound and the returns.
-        eval_policy: the mean-action policy (``modules.eval_policy``), acting with the same networks.
+        eval_policy: the evaluation policy (``modules.eval_policy``), acting with the same networks.
         num_episodes: evaluation episodes (>= 1).
         horizon: the bound's K (>= 1).
         max_steps: the longest episode (>= 1); keep it >> ``num_states`` so that ``G_t`` covers enough of the future
@@ -159,7 +168,8 @@ def lower_bound_bias(
         num_states: states per episode (>= 1); 350 in the paper.
 
     Keyword Args:
-        target_encoder, sample_latents: passed to ``loss.lower_bound``.
+        target_encoder, sample_latents: passed to ``loss.lower_bound``: encode with the target encoder; sample
+            the bound's latents instead of taking means (the latent the episodes act on is ``eval_policy``'s).
 
     Returns:
         ``lower_bound_bias_mean`` and ``lower_bound_bias_std`` (the normalised bias), ``lower_bound_mean`` and

@@ -19,6 +19,7 @@ from tensordict.nn import (
     ProbabilisticTensorDictSequential,
     TensorDictModule,
     TensorDictSequential,
+    set_interaction_type,
 )
 from tensordict.utils import NestedKey
 from torch import nn
@@ -30,9 +31,11 @@ __all__ = [
     "ALMModules",
     "ConcatMLP",
     "ConvFeatures",
+    "EVAL_LATENTS",
     "GaussianParamHead",
     "IdentityGaussianParams",
     "LearnedStdNoise",
+    "SampledInteraction",
     "TanhMeanLearnedStd",
     "elu_mlp",
     "layernorm_tanh_mlp",
@@ -40,6 +43,7 @@ __all__ = [
     "make_alm_modules",
     "make_classifier",
     "make_encoder",
+    "make_eval_policy",
     "make_identity_encoder",
     "make_pixel_encoder",
     "make_qvalue_network",
@@ -47,6 +51,9 @@ __all__ = [
     "make_world_model",
     "orthogonal_init_",
 ]
+
+EVAL_LATENTS = ("sample", "mean")
+"""``make_alm_modules(eval_latent=...)``: the latent the evaluation policy acts on."""
 
 
 def orthogonal_init_(module: nn.Module) -> nn.Module:
@@ -160,7 +167,7 @@ def _latent_distribution_module(
             out_keys=[out_key],
             distribution_class=IndependentNormal,
             # Under RANDOM (the collector's default) the latent is sampled, as ALM does when
-            # acting; under DETERMINISTIC (evaluation) it is the mean.
+            # acting; under DETERMINISTIC it is the mean (make_eval_policy can sample it anyway).
             default_interaction_type=InteractionType.RANDOM,
         ),
     )
@@ -389,6 +396,43 @@ class LearnedStdNoise(TensorDictModuleBase):
         return tensordict
 
 
+class SampledInteraction(TensorDictModuleBase):
+    """Runs a probabilistic ``module`` under ``InteractionType.RANDOM`` whatever the caller's exploration type.
+
+    Under ``set_exploration_type(ExplorationType.DETERMINISTIC)`` (how evaluation runs a policy) a
+    ``ProbabilisticTensorDictModule`` returns its distribution's mean; wrapped in this, it still samples.
+    """
+
+    def __init__(self, module: TensorDictModuleBase) -> None:
+        super().__init__()
+        self.module = module
+        self.in_keys = module.in_keys
+        self.out_keys = module.out_keys
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        with set_interaction_type(InteractionType.RANDOM):
+            return self.module(tensordict)
+
+
+def _check_eval_latent(eval_latent: str) -> None:
+    if eval_latent not in EVAL_LATENTS:
+        raise ValueError(f"eval_latent must be 'sample' or 'mean', got {eval_latent!r}.")
+
+
+def make_eval_policy(
+    encoder: ProbabilisticTensorDictSequential, actor_network: TensorDictModule, eval_latent: str = "sample"
+) -> TensorDictSequential:
+    """The evaluation policy: the actor's mean action (no noise) on a latent of ``encoder``.
+
+    ``eval_latent="sample"`` acts on a latent *sampled* from the encoder, as the original ALM evaluates
+    (``AlmAgent.get_action(eval=True)``: ``z = encoder(s).sample()``, then the actor's mean), so returns are
+    like-for-like with the published curves; ``"mean"`` acts on the encoder's mean, which makes evaluation
+    deterministic. Either way, run it under ``ExplorationType.DETERMINISTIC``, which turns off the behaviour noise.
+    """
+    _check_eval_latent(eval_latent)
+    return TensorDictSequential(SampledInteraction(encoder) if eval_latent == "sample" else encoder, actor_network)
+
+
 @dataclass
 class ALMModules:
     """What :func:`make_alm_modules` returns.
@@ -406,7 +450,8 @@ class ALMModules:
     policy: TensorDictSequential
     """Behaviour policy: sampled latent, actor mean, annealed additive Gaussian noise, clamped to bounds."""
     eval_policy: TensorDictSequential
-    """Encoder + actor; run it under ``ExplorationType.DETERMINISTIC`` to get the mean action."""
+    """Encoder + actor (:func:`make_eval_policy`); under ``ExplorationType.DETERMINISTIC`` the actor's mean action on
+    a sampled latent (``eval_latent="sample"``, the paper's) or on the latent mean (``"mean"``)."""
     exploration_noise: AdditiveGaussianModule | None
     """The policy's scheduled noise; call ``exploration_noise.step(frames)`` as frames are collected.
     ``None`` with ``actor_std="learned"``, where the actor's own std is the noise."""
@@ -461,6 +506,7 @@ def make_alm_modules(
     noise_init: float = 1.0,
     noise_end: float = 0.1,
     noise_annealing_frames: int = 100_000,
+    eval_latent: str = "sample",
     observation_key: NestedKey = "observation",
     action_key: NestedKey = "action",
     device: torch.device | str | None = None,
@@ -487,6 +533,8 @@ def make_alm_modules(
             behaviour policy samples with it; train it with ``ALMLoss(entropy_coef=...)``).
         noise_init, noise_end, noise_annealing_frames: the behaviour policy's noise std
             schedule (paper: 1.0 to 0.1 over 100,000 frames).
+        eval_latent: the latent ``eval_policy`` acts on: ``"sample"`` (the paper's protocol: a sample of the
+            encoder, then the actor's mean action) or ``"mean"`` (the encoder's mean: deterministic evaluation).
         device: where the networks live.
 
     Examples:
@@ -509,6 +557,7 @@ def make_alm_modules(
         raise ValueError(f"classifier_type must be 'mlp' or 'linear', got {classifier_type!r}.")
     if actor_std not in ("scheduled", "learned"):
         raise ValueError(f"actor_std must be 'scheduled' or 'learned', got {actor_std!r}.")
+    _check_eval_latent(eval_latent)
     for name, value, valid, expected in (
         ("noise_end", noise_end, lambda x: x >= 0, ">= 0 (paper: 0.1)"),
         ("noise_init", noise_init, lambda x: x >= noise_end, f">= noise_end ({noise_end}) (paper: 1.0)"),
@@ -566,7 +615,7 @@ def make_alm_modules(
             device=device,
         )
     policy = TensorDictSequential(encoder, actor_network, noise)
-    eval_policy = TensorDictSequential(encoder, actor_network)
+    eval_policy = make_eval_policy(encoder, actor_network, eval_latent)
     modules = ALMModules(
         encoder=encoder,
         world_model=world_model,

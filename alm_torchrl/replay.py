@@ -2,6 +2,12 @@
 
 Slices are cut by ``SliceSampler`` along ``("collector", "traj_ids")`` (written by every TorchRL collector), so a
 slice never runs across a termination *or* a time-limit truncation, and stays correct after the storage wraps around.
+
+Slice starts are drawn uniformly over every stored position from which a whole slice fits inside its episode
+(:class:`TransitionSliceSampler`), as the original ALM's replay memory draws them. TorchRL's ``SliceSampler`` draws
+a trajectory uniformly first, which gives every stored episode the same share of a batch whatever its length: the
+few transitions of the episode being collected are then over-sampled (``make_replay_buffer(sampling="trajectory")``
+keeps that behaviour).
 Note that the sampler rewrites ``("next", "truncated")`` / ``("next", "done")`` in samples to mark slice ends; only
 ``("next", "terminated")`` is the stored flag, so bootstrap masks must use it.
 
@@ -17,9 +23,74 @@ from torchrl.data import LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 
 from alm_torchrl.frames import FrameStackStorage
 
-__all__ = ["TRAJ_KEY", "NonFiniteDataError", "check_finite", "make_replay_buffer", "sample_slices"]
+__all__ = [
+    "SAMPLING_MODES",
+    "TRAJ_KEY",
+    "NonFiniteDataError",
+    "TransitionSliceSampler",
+    "check_finite",
+    "make_replay_buffer",
+    "sample_slices",
+]
 
 TRAJ_KEY = ("collector", "traj_ids")
+SAMPLING_MODES = ("transition", "trajectory")
+"""``make_replay_buffer(sampling=...)``: slice starts uniform over transitions (the original ALM's), or TorchRL's
+``SliceSampler`` (a trajectory uniformly, then a start in it)."""
+
+
+class TransitionSliceSampler(SliceSampler):
+    """A :class:`~torchrl.data.SliceSampler` whose slice starts are uniform over all valid start positions.
+
+    ``SliceSampler`` draws a trajectory uniformly, then a start inside it, so a trajectory's share of the slices does
+    not depend on its length: a 20-step episode in progress next to ten finished 1000-step ones gets 1/11 of every
+    batch. This sampler draws each trajectory with probability proportional to its number of valid starts (with
+    ``strict_length=True``, ``length - slice_len + 1``, and trajectories shorter than a slice are never drawn; with
+    ``strict_length=False``, ``max(length - slice_len + 1, 1)``: a short trajectory is one truncated slice), then the
+    start uniformly inside it, as ``SliceSampler`` does. Together every valid start ``(trajectory, position)`` is
+    equally likely: these are the windows ``SliceSampler._sampleable_count`` counts. Everything else (trajectory
+    boundaries from ``traj_key``/``end_key``, storage wrap-around, ``cache_values``, ``strict_length``, the
+    ``truncated``/``is_init`` marks written into the sample) is ``SliceSampler``'s own.
+
+    Written as the smallest change to ``SliceSampler`` (the trajectory draw of ``_sample_slices``), so that it could
+    go upstream as an option of ``SliceSampler`` itself. ``span`` and ``fragmented`` change which starts are valid and
+    are not supported.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        span = kwargs.get("span", False)
+        if kwargs.get("fragmented", False) or any(span if isinstance(span, tuple) else (span,)):
+            raise NotImplementedError(f"{type(self).__name__} supports neither span nor fragmented")
+        super().__init__(**kwargs)
+
+    def _sample_slices(
+        self,
+        lengths: torch.Tensor,
+        start_idx: torch.Tensor,
+        stop_idx: torch.Tensor,
+        seq_length: int,
+        num_slices: int,
+        storage_length: int,
+        traj_idx: torch.Tensor | None = None,
+        *,
+        storage,
+    ):
+        if traj_idx is None:
+            starts_per_traj = (lengths - seq_length + 1).clamp_min(0 if self.strict_length else 1)
+            sampleable = starts_per_traj > 0
+            # With no trajectory long enough, the parent draws and raises its own error (it names the lengths).
+            if sampleable.any():
+                if not sampleable.all():
+                    # Drop the trajectories too short for a slice here: given a traj_idx, the parent would
+                    # de-duplicate it while filtering them, returning fewer slices than asked.
+                    lengths, start_idx, stop_idx = lengths[sampleable], start_idx[sampleable], stop_idx[sampleable]
+                    starts_per_traj = starts_per_traj[sampleable]
+                traj_idx = torch.multinomial(
+                    starts_per_traj.to(torch.float64), num_slices, replacement=True, generator=self._rng
+                )
+        return super()._sample_slices(
+            lengths, start_idx, stop_idx, seq_length, num_slices, storage_length, traj_idx, storage=storage
+        )
 
 
 def make_replay_buffer(
@@ -31,12 +102,17 @@ def make_replay_buffer(
     prefetch: int | None = None,
     pixels_key: NestedKey | None = None,
     num_frames: int = 3,
+    sampling: str = "transition",
 ) -> TensorDictReplayBuffer:
     """A buffer of ``size`` transitions whose ``sample()`` returns ``batch_size`` slices of ``slice_len`` steps.
 
     ``sample()`` yields a flat batch of ``batch_size * slice_len`` transitions, slice after slice; use
     ``sample_slices`` to get it as ``[batch_size, slice_len]``. Trajectories shorter than ``slice_len`` are never
     sampled (``strict_length=True``), so the batch size is always exact.
+
+    ``sampling="transition"`` (the original ALM's) draws slice starts uniformly over every stored position from
+    which a whole slice fits inside its episode (:class:`TransitionSliceSampler`); ``"trajectory"`` is TorchRL's
+    ``SliceSampler``: a stored trajectory uniformly, then a start inside it.
 
     ``pixels_key`` names an entry of ``num_frames`` stacked image frames (``CatFrames(N=num_frames, dim=-3)``) to
     store once per frame instead of twice per stack (:class:`~alm_torchrl.frames.FrameStackStorage`); the buffer's
@@ -48,6 +124,9 @@ def make_replay_buffer(
         raise ValueError(f"batch_size must be >= 1 (slices per batch; paper: 512), got {batch_size}")
     if size < slice_len:
         raise ValueError(f"size must be >= slice_len ({slice_len}), got {size}")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {', '.join(map(repr, SAMPLING_MODES))}, got {sampling!r}")
+    sampler_class = TransitionSliceSampler if sampling == "transition" else SliceSampler
     if pixels_key is None:
         storage, transform = LazyTensorStorage(size, device=device), None
     else:
@@ -60,7 +139,7 @@ def make_replay_buffer(
         # the cache on the storage's write count and cursor). With the recipe's 10 samples per write of 10 frames, a
         # batch of 512 slices took 1.1 instead of 1.3 ms from 100k transitions, 1.4 instead of 2.7 ms from 1e6 (2-core
         # AMD VM); at a GPU's 500 updates/s, sampling has 2 ms per update.
-        sampler=SliceSampler(slice_len=slice_len, traj_key=TRAJ_KEY, strict_length=True, cache_values=True),
+        sampler=sampler_class(slice_len=slice_len, traj_key=TRAJ_KEY, strict_length=True, cache_values=True),
         batch_size=batch_size * slice_len,
         prefetch=prefetch,
     )

@@ -1112,9 +1112,11 @@ class ALMLoss(LossModule):
             \frac{C(z_t, a_t, z_{t+1})}{1 - C(z_t, a_t, z_{t+1})}\right)
             + \gamma^K \min_i Q_i(z_K, a_K)
 
-        rolled out by :meth:`imagine` from z_0 ~ e(s) with the actor's mean actions, with
+        rolled out by :meth:`imagine` from z_0 = e(s) with the actor's mean actions, with
         ``c`` the ``classifier_coef`` and ``gamma`` the value estimator's discount: the
-        objective of Eq. 8 with lambda = 1, evaluated instead of optimised.
+        objective of Eq. 8 with lambda = 1, evaluated instead of optimised. The latents
+        z_0 .. z_K are the encoder's and the world model's means, or samples of them with
+        ``sample_latents=True`` (the reference code's evaluation samples them).
 
         Args:
             observation (torch.Tensor): states, shape ``[*B, *observation]`` (a vector or,

@@ -14,6 +14,7 @@ from conftest import TINY_RECIPE
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pixel_update  # noqa: E402
 import reference_update_speed  # noqa: E402
+import replay_sampling  # noqa: E402
 import update_speed  # noqa: E402
 
 
@@ -58,6 +59,14 @@ def test_update_speed_prints_nothing_but_its_json_line_on_stdout():
     assert len(lines) == 1, lines[:-1]
     assert json.loads(lines[0])["env"] == "HalfCheetah-v5"
     assert "[torchrl][INFO]" in result.stderr  # the log lines still reach the terminal
+
+
+def test_replay_sampling_times_both_modes_on_a_wrapped_buffer(capsys):
+    replay_sampling.main(["--sizes", "500", "--episode-steps", "100", "--batch-size", "8", "--writes", "4"])
+    (result,) = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert result["buffer_size"] == 500 and result["samples_timed_per_mode"] == 40
+    for mode in ("transition", "trajectory"):
+        assert 0 < result[f"{mode}_ms_per_sample_p10"] <= result[f"{mode}_ms_per_sample_median"]
 
 
 # A stand-in checkout of the original code with the imports the harness must satisfy: `wandb`, and

@@ -10,6 +10,7 @@ from torchrl.envs import RewardClipping
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from alm_torchrl import make_alm_modules
+from alm_torchrl.modules import make_eval_policy
 from alm_torchrl.envs import make_env
 from alm_torchrl.evaluation import discounted_returns, lower_bound_bias, normalised_bias
 from alm_torchrl.objectives import ALMLoss
@@ -153,9 +154,9 @@ def test_normalised_bias_of_known_values():
 def pendulum():
     env = make_env("Pendulum-v1", seed=0, max_episode_steps=60)
     torch.manual_seed(0)
-    modules = make_alm_modules(
-        env.observation_spec_unbatched, env.action_spec_unbatched, latent_dim=4, hidden_dim=16, model_hidden_dim=16
-    )
+    # Mean latents: the evaluation episodes are a function of the env seed alone, so runs compare exactly.
+    modules = make_alm_modules(env.observation_spec_unbatched, env.action_spec_unbatched, latent_dim=4,
+                               hidden_dim=16, model_hidden_dim=16, eval_latent="mean")
     return env, modules, ALMLoss(**modules.loss_kwargs())
 
 
@@ -191,17 +192,25 @@ def test_bias_of_a_batched_env_pools_the_episodes_of_its_copies(pendulum):
 
 @pytest.mark.filterwarnings("ignore:No target network updater")
 def test_bias_uses_the_recorded_states_actions_and_whole_episode_returns(pendulum):
+    """The episodes are the evaluation policy's, here the paper's (the mean action on a sampled latent); the bound
+    takes each state's recorded action as a_0 and rolls out its own latents."""
     env, modules, loss = pendulum
+    eval_policy = make_eval_policy(modules.encoder, modules.actor_network, "sample")
     with torch.no_grad():  # a target encoder that differs, so that a_0 = pi(z_0) differs from the recorded action
         for value in loss.target_encoder_params.values(True, True):
             value.add_(0.3 * torch.randn_like(value))
     env.set_seed(1)
+    torch.manual_seed(1)
     result = lower_bound_bias(
-        env, loss, modules.eval_policy, num_episodes=1, horizon=2, max_steps=40, num_states=25, target_encoder=True
+        env, loss, eval_policy, num_episodes=1, horizon=2, max_steps=40, num_states=25, target_encoder=True
     )
-    env.set_seed(1)  # the same episode again, by hand
+    env.set_seed(1)  # the same episode again (the same latent draws), by hand
+    torch.manual_seed(1)
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        rollout = env.rollout(40, modules.eval_policy, break_when_any_done=True)
+        rollout = env.rollout(40, eval_policy, break_when_any_done=True)
+    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        mean_latent_actions = modules.eval_policy(rollout[:25].select("observation").clone())["action"]
+    assert not torch.allclose(rollout["action"][:25], mean_latent_actions)  # the episode acted on sampled latents
     observation, action = rollout["observation"][:25], rollout["action"][:25]
     lower_bound = loss.lower_bound(observation, 2, action, target_encoder=True)
     rewards = rollout["next", "reward"][:, 0].tolist()  # the returns look past the first 25 states

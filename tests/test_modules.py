@@ -84,7 +84,8 @@ def test_encoder_and_world_model_are_diagonal_normals(paper_modules):
 def test_behaviour_policy_noise_anneals_and_clamps():
     torch.manual_seed(0)
     modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), Bounded(-0.4, 0.4, shape=(ACT_DIM,)),
-                               latent_dim=4, hidden_dim=16, model_hidden_dim=16, noise_annealing_frames=100)
+                               latent_dim=4, hidden_dim=16, model_hidden_dim=16, noise_annealing_frames=100,
+                               eval_latent="mean")
     td = TensorDict(observation=torch.randn(512, OBS_DIM), batch_size=[512])
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         noisy = modules.policy(td.clone())["action"]
@@ -101,6 +102,55 @@ def test_behaviour_policy_noise_anneals_and_clamps():
     torch.testing.assert_close(first, second)  # no noise and the latent mean when deterministic
     # The eval action is the actor's tanh mean, not rescaled to the bounds (reference behaviour).
     assert first.abs().max() <= 1.0
+
+
+def _eval_actions(modules, observation: torch.Tensor, seed: int) -> TensorDict:
+    torch.manual_seed(seed)
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        return modules.eval_policy(TensorDict(observation=observation, batch_size=observation.shape[:1]))
+
+
+def test_eval_policy_acts_on_a_sampled_latent_by_default_as_the_original_evaluates():
+    """The original evaluates ``actor(z).mean`` with ``z = encoder(s).sample()``: the latent is a draw of the encoder
+    (evaluations of the same state differ), the action the actor's mean on it (no behaviour noise)."""
+    torch.manual_seed(0)
+    modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=4, hidden_dim=16,
+                               model_hidden_dim=16)
+    observation = torch.randn(8, OBS_DIM)
+    first, again, other = (_eval_actions(modules, observation, seed) for seed in (1, 1, 2))
+    torch.testing.assert_close(first["action"], again["action"])  # a function of the torch seed
+    assert (first["action"] - other["action"]).abs().min() > 0  # every state's action moves with the draw
+    torch.manual_seed(1)
+    with torch.no_grad():
+        latent = modules.encoder.get_dist(TensorDict(observation=observation, batch_size=[8])).rsample()
+        by_hand = modules.actor_network(TensorDict(latent=latent, batch_size=[8]))["action"]
+    torch.testing.assert_close(first["latent"], latent)
+    torch.testing.assert_close(first["action"], by_hand)
+
+
+def test_eval_policy_on_the_latent_mean_is_deterministic():
+    torch.manual_seed(0)
+    modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=4, hidden_dim=16,
+                               model_hidden_dim=16, eval_latent="mean")
+    observation = torch.randn(8, OBS_DIM)
+    first, other = (_eval_actions(modules, observation, seed) for seed in (1, 2))
+    torch.testing.assert_close(first["action"], other["action"])
+    with torch.no_grad():
+        mean = modules.encoder.get_dist(TensorDict(observation=observation, batch_size=[8])).mean
+        by_hand = modules.actor_network(TensorDict(latent=mean, batch_size=[8]))["action"]
+    torch.testing.assert_close(first["action"], by_hand)
+
+
+def test_eval_latent_leaves_the_behaviour_policy_alone():
+    observation = TensorDict(observation=torch.randn(8, OBS_DIM), batch_size=[8])
+    actions = []
+    for eval_latent in ("sample", "mean"):
+        torch.manual_seed(0)
+        modules = make_alm_modules(Unbounded(shape=(OBS_DIM,)), action_spec(), latent_dim=4, hidden_dim=16,
+                                   model_hidden_dim=16, eval_latent=eval_latent)
+        with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+            actions.append(modules.policy(observation.clone())["action"])
+    torch.testing.assert_close(*actions)
 
 
 def test_policy_runs_in_a_torchrl_collector():
@@ -123,6 +173,7 @@ def test_policy_runs_in_a_torchrl_collector():
 @pytest.mark.parametrize("kwargs, message", [
     ({"latent_dim": 0}, "latent_dim must be a positive integer, got 0"),
     ({"num_qvalue_nets": 0}, "num_qvalue_nets must be a positive integer, got 0"),
+    ({"eval_latent": "mode"}, "eval_latent must be 'sample' or 'mean', got 'mode'"),
 ])
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -223,7 +223,8 @@ def main(cfg: DictConfig) -> None:
                     with timeit("eval_lower_bound"):
                         result.update(lower_bound_bias(eval_env, loss, agent.eval_policy,
                                                        cfg.logger.num_eval_episodes, cfg.loss.horizon,
-                                                       max_steps=cfg.env.max_episode_steps))
+                                                       max_steps=cfg.env.max_episode_steps,
+                                                       sample_latents=cfg.logger.eval_latent == "sample"))
                 last_eval_return = result["return_mean"]
                 metrics.update({f"eval/{key}": value for key, value in result.items()})
                 pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")

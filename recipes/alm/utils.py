@@ -84,6 +84,7 @@ class CollectorConfig:
 class ReplayBufferConfig:
     size: Optional[int] = MISSING
     prefetch: Optional[int] = MISSING
+    sampling: str = MISSING
 
 
 @dataclass
@@ -143,6 +144,7 @@ class LoggerConfig:
     exp_name: str = MISSING
     eval_iter: int = MISSING
     num_eval_episodes: int = MISSING
+    eval_latent: str = MISSING
     lower_bound_bias: bool = MISSING
 
 
@@ -474,6 +476,7 @@ def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMMo
         noise_init="exploration.noise_init",
         noise_end="exploration.noise_end",
         noise_annealing_frames="exploration.annealing_frames",
+        eval_latent="logger.eval_latent",
     ):
         return make_alm_modules(
             env.observation_spec_unbatched,
@@ -490,6 +493,7 @@ def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMMo
             noise_end=cfg.exploration.noise_end,
             noise_annealing_frames=cfg.exploration.annealing_frames,
             observation_key=observation_key(env),
+            eval_latent=cfg.logger.eval_latent,
             device=device,
         )
 
@@ -592,13 +596,19 @@ def make_replay_buffer(cfg: DictConfig, device: torch.device) -> TensorDictRepla
     prefetch = cfg.replay_buffer.prefetch
     if prefetch is None:
         prefetch = 3 if device.type == "cuda" else 0
-    with naming_config_keys(size="replay_buffer.size", batch_size="optim.batch_size", slice_len="loss.horizon"):
+    with naming_config_keys(
+        size="replay_buffer.size",
+        batch_size="optim.batch_size",
+        slice_len="loss.horizon",
+        sampling="replay_buffer.sampling",
+    ):
         return make_slice_replay_buffer(
             size=replay_buffer_capacity(cfg),
             batch_size=cfg.optim.batch_size,
             slice_len=cfg.loss.horizon,
             device=device,
             prefetch=prefetch,
+            sampling=cfg.replay_buffer.sampling,
         )
 
 
