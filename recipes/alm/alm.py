@@ -40,6 +40,7 @@ from utils import (
     make_learner,
     make_logger,
     make_replay_buffer,
+    make_video_env,
     resolve_device,
     updates_per_batch,
     validate_config,
@@ -69,10 +70,13 @@ def exit_on_config_error(main):
 def main(cfg: DictConfig) -> None:
     if cfg.checkpoint.resume:
         cfg.checkpoint.resume = hydra.utils.to_absolute_path(cfg.checkpoint.resume)
+    # The progress bar and real warnings only: no TorchRL INFO lines (spec checks, storage initialisation), no INFO
+    # lines of dm_control and PyOpenGL, no MuJoCo deprecation warnings about dm_control's model files (absl WARNINGs).
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+    logging.getLogger("OpenGL").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     cfg = apply_schema(cfg)
     validate_config(cfg)
-    # The progress bar and real warnings only: no TorchRL INFO lines (spec checks, storage initialisation).
-    logging.getLogger("torchrl").setLevel(logging.WARNING)
     device = resolve_device(cfg)
     configure_runtime(cfg)
     timeit.reset()  # a process-pool launcher may run several jobs in one process
@@ -101,6 +105,7 @@ def main(cfg: DictConfig) -> None:
 
     collector = make_collector(cfg, train_env, agent.policy, device, collected_frames)
     logger = make_logger(cfg)
+    video_env = make_video_env(cfg, logger)  # None unless logger.video
     num_updates_per_batch = updates_per_batch(cfg)
     last_checkpoint, last_checkpoint_frames = None, None
 
@@ -121,7 +126,7 @@ def main(cfg: DictConfig) -> None:
         with timeit("collect"):
             data = next(collector_iter)
         data[TRAJ_KEY] += traj_id_offset
-        frames = data.numel()
+        frames = data.numel() * cfg.env.frame_skip  # env steps, as every frame count of the config
         previous_frames, collected_frames = collected_frames, collected_frames + frames
         pbar.update(frames)
         # Store only what the loss and the slice sampler read, not the policy's latents (3 x 50 floats a step).
@@ -172,6 +177,12 @@ def main(cfg: DictConfig) -> None:
                 with timeit("eval_lower_bound"):
                     result.update(lower_bound_bias(eval_env, loss, agent.eval_policy, cfg.logger.num_eval_episodes,
                                                    cfg.loss.horizon, max_steps=cfg.env.max_episode_steps))
+            evaluation = collected_frames // cfg.logger.eval_iter
+            if video_env is not None and evaluation % cfg.logger.video_every == 0:
+                with timeit("eval_video"):  # one more mean-action episode, rendered and logged as a video
+                    recorded = evaluate(video_env, agent.eval_policy, 1, cfg.env.max_episode_steps)
+                    video_env.transform.dump(step=collected_frames)
+                result["video_return"] = recorded["return_mean"]
             last_eval_return = result["return_mean"]
             metrics.update({f"eval/{key}": value for key, value in result.items()})
             pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")
@@ -184,6 +195,8 @@ def main(cfg: DictConfig) -> None:
     pbar.close()
     collector.shutdown()
     eval_env.close()
+    if video_env is not None:
+        video_env.close()
     print(f"Done: {collected_frames} frames, {num_updates} updates, last eval return {last_eval_return:.1f}")
 
 

@@ -37,18 +37,22 @@ from torchrl.record.loggers import Logger, generate_exp_name, get_logger
 
 from alm_torchrl import ALMModules, make_alm_modules
 from alm_torchrl.checkpoint import CheckpointError, TrainingCheckpoints
-from alm_torchrl.envs import check_env_name, make_env, replay_buffer_size_for
+from alm_torchrl.envs import agent_steps, check_env_name, check_offscreen_rendering, make_env, replay_buffer_size_for
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer as make_slice_replay_buffer
 from alm_torchrl.runtime import configure_cpu_runtime
 from alm_torchrl.update import make_optimizer as make_grouped_optimizer
 from alm_torchrl.update import make_target_updater, make_update
+from alm_torchrl.video import MP4CSVLogger, make_video_env as make_recording_env, torchcodec_can_encode
 
 RECIPE_DIR = Path(__file__).resolve().parent
 CHECKPOINT_FORMAT = "alm-torchrl/1"
 """Written into every checkpoint's metadata; a checkpoint of another format is refused on resume."""
 # TorchRL's logger backends (torchrl.record.loggers.get_logger) and the package each needs beyond torchrl.
 LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+# The backends that take logger.video=true, and the module (and requirement) each encodes videos with: PyAV writes the
+# CSV logger's mp4 files where torchcodec cannot (alm_torchrl.video); TensorBoard imports moviepy.editor (moviepy < 2).
+VIDEO_ENCODERS = {"csv": ("av", "av"), "tensorboard": ("moviepy.editor", "moviepy<2"), "wandb": ("moviepy", "moviepy")}
 
 
 class ConfigError(ValueError):
@@ -61,6 +65,7 @@ class EnvConfig:
     name: str = MISSING
     seed: int = MISSING
     max_episode_steps: int = MISSING
+    frame_skip: int = MISSING
 
 
 @dataclass
@@ -132,6 +137,8 @@ class LoggerConfig:
     eval_iter: int = MISSING
     num_eval_episodes: int = MISSING
     lower_bound_bias: bool = MISSING
+    video: bool = MISSING
+    video_every: int = MISSING
 
 
 @dataclass
@@ -231,17 +238,20 @@ def validate_config(cfg: DictConfig) -> None:
         check_env_name(cfg.env.name)
     except ValueError as err:
         raise ConfigError(f"env.name: {err}") from None
-    horizon, episode = cfg.loss.horizon, cfg.env.max_episode_steps
+    horizon, frame_skip = cfg.loss.horizon, cfg.env.frame_skip
+    with naming_config_keys(frame_skip="env.frame_skip"):
+        episode = agent_steps(cfg.env.max_episode_steps, frame_skip)
     # Slices never cross an episode boundary, so no stored episode could fill a longer slice.
     if horizon > episode:
         raise ConfigError(
-            f"loss.horizon={horizon} is longer than any episode (env.max_episode_steps={episode}); "
-            "use loss.horizon <= env.max_episode_steps"
+            f"loss.horizon={horizon} is longer than any episode (env.max_episode_steps={cfg.env.max_episode_steps} "
+            f"env steps = {episode} agent steps at env.frame_skip={frame_skip}); use loss.horizon <= {episode}"
         )
-    if cfg.collector.init_random_frames < horizon:
+    if agent_steps(cfg.collector.init_random_frames, frame_skip) < horizon:
         raise ConfigError(
             f"collector.init_random_frames={cfg.collector.init_random_frames} cannot fill one slice of "
-            f"loss.horizon={horizon} before the first update; use at least {horizon}"
+            f"loss.horizon={horizon} before the first update; use at least {horizon * frame_skip} "
+            f"(env steps, at env.frame_skip={frame_skip})"
         )
     product = cfg.collector.frames_per_batch * cfg.optim.utd_ratio
     if cfg.collector.frames_per_batch < 1 or updates_per_batch(cfg) < 1 or not math.isclose(product, round(product)):
@@ -262,7 +272,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.collector.total_frames < 1:
         raise ConfigError(f"collector.total_frames must be >= 1, got {cfg.collector.total_frames}")
-    for key in ("logger.eval_iter", "logger.num_eval_episodes", "checkpoint.interval"):
+    for key in ("logger.eval_iter", "logger.num_eval_episodes", "logger.video_every", "checkpoint.interval"):
         value = OmegaConf.select(cfg, key)
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -281,8 +291,36 @@ def validate_config(cfg: DictConfig) -> None:
         package = LOGGER_PACKAGES[backend]
         if package is not None and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logger.backend={backend!r} needs the {package} package: pip install {package}")
+    if cfg.logger.video:
+        validate_video(cfg)
     if cfg.checkpoint.resume:
         validate_resume(cfg)
+
+
+def validate_video(cfg: DictConfig) -> None:
+    """``logger.video=true``: a backend that takes videos, its encoder's package, and MuJoCo rendering off-screen."""
+    backend = cfg.logger.backend
+    if backend not in VIDEO_ENCODERS:
+        raise ConfigError(
+            f"logger.video=true needs logger.backend={' or '.join(VIDEO_ENCODERS)}, not logger.backend={backend!r}"
+        )
+    module, requirement = VIDEO_ENCODERS[backend]
+    if not (backend == "csv" and torchcodec_can_encode()) and not _module_exists(module):
+        raise ConfigError(
+            f"logger.video=true with logger.backend={backend} encodes videos with {requirement}, which is not "
+            "installed: pip install -e \".[video]\""
+        )
+    try:
+        check_offscreen_rendering()
+    except RuntimeError as err:
+        raise ConfigError(f"logger.video=true: {err}") from None
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def validate_resume(cfg: DictConfig) -> None:
@@ -316,6 +354,12 @@ def validate_resume(cfg: DictConfig) -> None:
             f"checkpoint.resume={resume!r} already holds {stored['collected_frames']} frames, >= "
             f"collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
         )
+    stored_frame_skip = stored["config"]["env"].get("frame_skip", 1)  # checkpoints from before frame_skip existed
+    if stored_frame_skip != cfg.env.frame_skip:
+        raise ConfigError(
+            f"checkpoint.resume={resume!r} was trained with env.frame_skip={stored_frame_skip}, not "
+            f"env.frame_skip={cfg.env.frame_skip}; resume with env.frame_skip={stored_frame_skip}"
+        )
     for key, value in stored["network"].items():
         if cfg.network.get(key) != value:
             raise ConfigError(
@@ -339,15 +383,35 @@ def configure_runtime(cfg: DictConfig) -> None:
 
 def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
     """The training env, and the evaluation env: ``logger.num_eval_episodes`` copies of the task stepped together."""
-    with naming_config_keys(max_episode_steps="env.max_episode_steps", num_envs="logger.num_eval_episodes"):
-        train_env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
+    with naming_config_keys(max_episode_steps="env.max_episode_steps", num_envs="logger.num_eval_episodes",
+                            frame_skip="env.frame_skip"):
+        train_env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps,
+                             frame_skip=cfg.env.frame_skip)
         eval_env = make_env(
             cfg.env.name,
             seed=cfg.env.seed + 1,
             max_episode_steps=cfg.env.max_episode_steps,
             num_envs=cfg.logger.num_eval_episodes,
+            frame_skip=cfg.env.frame_skip,
         )
     return train_env, eval_env
+
+
+def make_video_env(cfg: DictConfig, logger: Logger | None) -> TransformedEnv | None:
+    """With ``logger.video=true``, one more copy of the task that renders, recorded into ``logger`` (else None).
+
+    Seeded with ``env.seed + 1 + logger.num_eval_episodes``, so that its episodes start elsewhere than the evaluation
+    copies' (seeded from ``env.seed + 1`` on).
+    """
+    if not cfg.logger.video:
+        return None
+    return make_recording_env(
+        cfg.env.name,
+        logger,
+        seed=cfg.env.seed + 1 + cfg.logger.num_eval_episodes,
+        max_episode_steps=cfg.env.max_episode_steps,
+        frame_skip=cfg.env.frame_skip,
+    )
 
 
 def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMModules:
@@ -491,17 +555,19 @@ def make_collector(
 ) -> Collector:
     """The training collector: random actions for the first ``init_random_frames``, then ``policy``.
 
-    ``collected_frames`` (on resume) shortens the run and the warm-up by what was already collected. The env steps
-    on the CPU; the policy runs and the batches are stored on ``device``. ``compile.compile`` and
+    ``collected_frames`` (on resume) shortens the run and the warm-up by what was already collected. The config counts
+    env steps and the Collector agent steps: both budgets are divided by ``env.frame_skip`` (rounded up). The env
+    steps on the CPU; the policy runs and the batches are stored on ``device``. ``compile.compile`` and
     ``compile.cudagraphs`` also compile the behaviour policy and replay it as a CUDA graph, as TorchRL's
     ``sota-implementations`` do.
     """
+    frame_skip = cfg.env.frame_skip
     return Collector(
         env,
         policy,
         frames_per_batch=cfg.collector.frames_per_batch,
-        total_frames=cfg.collector.total_frames - collected_frames,
-        init_random_frames=max(cfg.collector.init_random_frames - collected_frames, 0),
+        total_frames=agent_steps(cfg.collector.total_frames - collected_frames, frame_skip),
+        init_random_frames=agent_steps(max(cfg.collector.init_random_frames - collected_frames, 0), frame_skip),
         env_device="cpu",
         policy_device=device,
         storing_device=device,
@@ -535,13 +601,19 @@ def checkpoint_metadata(cfg: DictConfig, collected_frames: int, num_updates: int
 
 
 def make_logger(cfg: DictConfig) -> Logger | None:
-    """TorchRL's logger for ``logger.backend`` (None when it is empty)."""
+    """TorchRL's logger for ``logger.backend`` (None when it is empty); csv writes its videos as mp4 files anywhere.
+
+    ``exp_name`` has no ``/`` (DMC tasks are ``dmc/<domain>-<task>``): it names one folder.
+    """
     if not cfg.logger.backend:
         return None
+    experiment_name = generate_exp_name("ALM", cfg.logger.exp_name.replace("/", "_"))
+    if cfg.logger.backend == "csv":
+        return MP4CSVLogger(experiment_name, log_dir="alm_logging")
     return get_logger(
         cfg.logger.backend,
         logger_name="alm_logging",
-        experiment_name=generate_exp_name("ALM", cfg.logger.exp_name),
+        experiment_name=experiment_name,
         wandb_kwargs={"config": OmegaConf.to_container(cfg, resolve=True), "project": "alm"},
     )
 
