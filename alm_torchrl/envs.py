@@ -1,15 +1,15 @@
 """Environment factory for ALM: gymnasium tasks (and the paper's truncated-observation variants) and DeepMind Control
 Suite tasks (``dmc/<domain>-<task>``) as TorchRL envs.
 
-A gymnasium task is a ``GymEnv`` (or, with ``num_envs > 1``, a ``GymWrapper`` around copies of the task stepped
-together, so that evaluation runs its episodes side by side); a DMC task is a ``DMControlWrapper`` whose observation
-entries are concatenated into ``observation`` (``CatTensors``, as TorchRL's own recipes do), its copies stepped
-together by a ``SerialEnv``. Both get the SOTA-script transforms: ``DoubleToFloat()`` on each copy, then
-``Compose(InitTracker(), StepCounter(max_episode_steps), RewardSum())``. gymnasium's own
-``TimeLimit`` is disabled so that ``StepCounter`` alone decides when an episode is cut: a time limit then shows up as
-``("next", "truncated")=True`` with ``("next", "terminated")=False``, which is what lets the TD target bootstrap through
-it and lets the slice sampler keep sequences inside one episode. DMC's own time limit (1000 steps, a LAST step with
-discount 1) reads the same way: TorchRL's DMC wrapper reports it as ``truncated``, never ``terminated``.
+A gymnasium task is a ``GymWrapper`` around ``gymnasium.make`` (or, with ``num_envs > 1``, around copies of the task
+stepped together, so that evaluation runs its episodes side by side); a DMC task is a ``DMControlWrapper`` whose
+observation entries are concatenated into ``observation`` (``CatTensors``, as TorchRL's own recipes do), its copies
+stepped together by a ``SerialEnv``. Both get the SOTA-script transforms: ``DoubleToFloat()`` on each copy, then
+``Compose(InitTracker(), StepCounter(max_episode_steps), RewardSum())``. gymnasium's own ``TimeLimit`` is disabled so
+that ``StepCounter`` alone decides when an episode is cut: a time limit then shows up as ``("next", "truncated")=True``
+with ``("next", "terminated")=False``, which is what lets the TD target bootstrap through it and lets the slice sampler
+keep sequences inside one episode. DMC's own time limit (1000 steps, a LAST step with discount 1) reads the same way:
+TorchRL's DMC wrapper reports it as ``truncated``, never ``terminated``.
 
 Action repeat (``frame_skip``) repeats each action for that many env steps and sums their rewards, so returns are
 those of the full episode; episode lengths (``max_episode_steps``) count env steps, as the literature counts them.
@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any
 
 import gymnasium
+import mujoco
 import torch
 from tensordict import TensorDictBase
 from torchrl.envs import (
@@ -42,7 +43,6 @@ from torchrl.envs import (
     DoubleToFloat,
     EnvBase,
     FlattenObservation,
-    GymEnv,
     GymWrapper,
     InitTracker,
     RewardSum,
@@ -124,8 +124,6 @@ def check_offscreen_rendering() -> None:
     Makes MuJoCo's rendering context for an empty model in a tiny OpenGL context of the backend
     :func:`select_offscreen_gl_backend` leaves in place, then frees both.
     """
-    import mujoco
-
     backend = select_offscreen_gl_backend() or "glfw"
     try:
         if backend == "egl":
@@ -201,7 +199,7 @@ def check_env_name(env_name: str, *, allow_presets: bool = True) -> None:
 
 
 def agent_steps(env_steps: int, frame_skip: int) -> int:
-    """Agent steps that cover ``env_steps`` env steps at action repeat ``frame_skip``: ``ceil(env_steps / frame_skip)``."""
+    """The agent steps that take ``env_steps`` env steps at action repeat ``frame_skip``, rounded up."""
     _check_frame_skip(frame_skip)
     return -(-env_steps // frame_skip)
 
@@ -228,6 +226,7 @@ def make_env(
     num_envs: int = 1,
     frame_skip: int = 1,
     image_size: tuple[int, int] | None = None,
+    fast_render: bool = False,
 ) -> TransformedEnv:
     """Build ``env_name`` (a preset name, any gymnasium id or a DMC task) as a seeded, float32 TorchRL env.
 
@@ -250,6 +249,8 @@ def make_env(
         image_size: ``(height, width)`` of a ``pixels`` entry (uint8 RGB) rendered off-screen at every step, next to
             the state ``observation`` (the task's default camera; camera 2 for DMC quadruped, as DrQ-v2); None: no
             rendering. gymnasium tasks outside MuJoCo render at their own size.
+        fast_render: render MuJoCo tasks without shadows, reflections and multisampling, 20-30x cheaper with a
+            software OpenGL (Mesa's llvmpipe, what EGL gives on a machine without a GPU).
     """
     check_env_name(env_name, allow_presets=from_preset)
     if num_envs < 1:
@@ -273,12 +274,14 @@ def make_env(
     task = dmc_task(env_id)
     if task is not None:
         make_copy = partial(_make_dmc_env, *task, device=device, frame_skip=frame_skip, image_size=image_size,
-                            task_kwargs=make_kwargs)
+                            fast_render=fast_render, task_kwargs=make_kwargs)
     else:
-        if image_size is not None and "mujoco" in str(gymnasium.envs.registry[env_id].entry_point):
+        mujoco_task = "mujoco" in str(gymnasium.envs.registry[env_id].entry_point)
+        if image_size is not None and mujoco_task:
             make_kwargs.update(height=image_size[0], width=image_size[1])
         make_copy = partial(_make_gym_env, env_id, device=device, frame_skip=frame_skip,
-                            from_pixels=image_size is not None, make_kwargs=make_kwargs)
+                            from_pixels=image_size is not None, fast_render=fast_render and mujoco_task,
+                            make_kwargs=make_kwargs)
     if num_envs == 1:
         base_env = make_copy()
     elif task is None and frame_skip == 1 and image_size is None:
@@ -305,12 +308,22 @@ def make_env(
 
 
 def _make_gym_env(
-    env_id: str, *, device: torch.device | str, frame_skip: int, from_pixels: bool, make_kwargs: Mapping[str, Any]
+    env_id: str,
+    *,
+    device: torch.device | str,
+    frame_skip: int,
+    from_pixels: bool,
+    fast_render: bool,
+    make_kwargs: Mapping[str, Any],
 ) -> TransformedEnv:
     """One copy of a gymnasium task, in float32 (see :func:`_make_dmc_env` for why the cast happens per copy)."""
-    # max_episode_steps=-1 tells gymnasium.make not to add TimeLimit: StepCounter is the only time limit.
-    base_env = GymEnv(env_id, device=device, max_episode_steps=-1, frame_skip=frame_skip, from_pixels=from_pixels,
-                      pixels_only=False, **make_kwargs)
+    # max_episode_steps=-1 tells gymnasium.make not to add TimeLimit: StepCounter is the only time limit. Made here
+    # rather than by GymEnv, so that the model's look can change before the pixel wrapper renders its first frame.
+    gym_env = gymnasium.make(env_id, max_episode_steps=-1, render_mode="rgb_array" if from_pixels else None,
+                             **make_kwargs)
+    if fast_render:
+        _drop_costly_render_effects(gym_env.unwrapped.model)
+    base_env = GymWrapper(gym_env, device=device, frame_skip=frame_skip, from_pixels=from_pixels, pixels_only=False)
     return TransformedEnv(base_env, DoubleToFloat())
 
 
@@ -321,6 +334,7 @@ def _make_dmc_env(
     device: torch.device | str,
     frame_skip: int,
     image_size: tuple[int, int] | None,
+    fast_render: bool,
     task_kwargs: Mapping[str, Any],
 ) -> TransformedEnv:
     """One copy of a DMC task: its state entries concatenated into a float32 ``observation``.
@@ -333,11 +347,14 @@ def _make_dmc_env(
 
     # suite.load wrapped, rather than TorchRL's DMControlEnv, because DMControlEnv (0.14.1) hands render_kwargs (the
     # image size) to the task's constructor, which refuses them.
+    dm_env = suite.load(domain, task, task_kwargs=dict(task_kwargs))
     render_kwargs = None
     if image_size is not None:
         render_kwargs = {"height": image_size[0], "width": image_size[1], "camera_id": DMC_CAMERA_IDS.get(domain, 0)}
+        if fast_render:
+            _drop_costly_render_effects(dm_env.physics.model)
     base_env = DMControlWrapper(
-        suite.load(domain, task, task_kwargs=dict(task_kwargs)),
+        dm_env,
         device=device,
         frame_skip=frame_skip,
         from_pixels=image_size is not None,
@@ -351,6 +368,16 @@ def _make_dmc_env(
     return TransformedEnv(
         base_env, Compose(*flatten, CatTensors(in_keys=state_keys, out_key="observation"), DoubleToFloat())
     )
+
+
+def _drop_costly_render_effects(model: mujoco.MjModel) -> None:
+    """No shadows, reflections or multisampling: what a software OpenGL spends most of a frame on (20-30x cheaper on
+    Mesa's llvmpipe). Visual fields of the model only, read when its rendering context is made; the physics is
+    untouched. (gymnasium's ``visual_options`` cannot do it: 1.4 applies them to the visualisation flags, not the
+    rendering flags.)"""
+    model.vis.quality.offsamples = 0
+    model.light_castshadow[:] = 0
+    model.mat_reflectance[:] = 0
 
 
 def rollout_episodes(

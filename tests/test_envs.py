@@ -146,6 +146,7 @@ def test_dmc_time_limit_is_bootstrapped_through() -> None:
     """The critic's TD target at DMC's time limit is r + gamma min Q(z', a'), not r as a terminal would give."""
     from alm_torchrl import make_alm_modules
     from alm_torchrl.objectives import ALMLoss
+    from alm_torchrl.update import make_target_updater
 
     env = make_env("dmc/cartpole-swingup", seed=0, frame_skip=2)
     last = env.rollout(1000)[-1:]  # the truncated step
@@ -155,6 +156,7 @@ def test_dmc_time_limit_is_bootstrapped_through() -> None:
                                hidden_dim=16, model_hidden_dim=16)
     loss = ALMLoss(**modules.loss_kwargs())
     loss.make_value_estimator(gamma=0.99)
+    make_target_updater(loss, tau=0.005)
     batch = last.unsqueeze(1)  # one slice of one step
 
     def target(batch):

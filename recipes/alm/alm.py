@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import mujoco
 import numpy as np
 import torch
 import tqdm
@@ -52,6 +53,18 @@ torch.set_float32_matmul_precision("high")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
+class WithoutModelDeprecations(logging.Filter):
+    """Drops MuJoCo's notices that a model file uses a deprecated attribute: gymnasium's and dm_control's model files
+    use 'settotalmass' (deprecated in MuJoCo 3.x), one notice per env built, which a user of the recipe cannot act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is deprecated" not in record.getMessage()
+
+
+QUIET_DEPRECATIONS = WithoutModelDeprecations()
+
+
 def exit_on_config_error(main):
     """A bad config value ends the run with one ``alm.py: invalid config: ...`` line, before any training."""
 
@@ -70,11 +83,14 @@ def exit_on_config_error(main):
 def main(cfg: DictConfig) -> None:
     if cfg.checkpoint.resume:
         cfg.checkpoint.resume = hydra.utils.to_absolute_path(cfg.checkpoint.resume)
-    # The progress bar and real warnings only: no TorchRL INFO lines (spec checks, storage initialisation), no INFO
-    # lines of dm_control and PyOpenGL, no MuJoCo deprecation warnings about dm_control's model files (absl WARNINGs).
-    logging.getLogger("torchrl").setLevel(logging.WARNING)
-    logging.getLogger("OpenGL").setLevel(logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # The progress bar and real warnings only: no INFO lines of TorchRL (spec checks, storage initialisation),
+    # dm_control (absl) and PyOpenGL, and MuJoCo's warnings through logging without its model-file deprecations
+    # (dm_control sends them to absl; gymnasium leaves them to MuJoCo, which would print them).
+    for name in ("torchrl", "OpenGL", "absl", "mujoco"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("absl", "mujoco"):
+        logging.getLogger(name).addFilter(QUIET_DEPRECATIONS)
+    mujoco.set_mju_user_warning(logging.getLogger("mujoco").warning)
     cfg = apply_schema(cfg)
     validate_config(cfg)
     device = resolve_device(cfg)

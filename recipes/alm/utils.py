@@ -139,6 +139,7 @@ class LoggerConfig:
     lower_bound_bias: bool = MISSING
     video: bool = MISSING
     video_every: int = MISSING
+    video_fast_render: bool = MISSING
 
 
 @dataclass
@@ -411,6 +412,7 @@ def make_video_env(cfg: DictConfig, logger: Logger | None) -> TransformedEnv | N
         seed=cfg.env.seed + 1 + cfg.logger.num_eval_episodes,
         max_episode_steps=cfg.env.max_episode_steps,
         frame_skip=cfg.env.frame_skip,
+        fast_render=cfg.logger.video_fast_render,
     )
 
 
