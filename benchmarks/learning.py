@@ -12,6 +12,7 @@ calibration, the time estimate and how to read the results.
     python benchmarks/learning.py --tasks InvertedPendulum-v5 Pendulum-v1               # the pendulums (~25 min)
     python benchmarks/learning.py --dry-run                                               # print the commands only
     python benchmarks/learning.py --smoke                                                 # ~1-2 min pipeline check in /tmp
+    python benchmarks/learning.py --suite dmc     # DMC tasks instead (docs/results/dmc_small_scale/README.md)
 
 Each run is one recipe process (one torch thread: ``OMP_NUM_THREADS=1``), ``--jobs`` of them at a time, in
 ``<out-runs>/<date_time>/<task>/<variant>/seed<k>/`` (a Hydra run dir: ``.hydra/``, ``alm_logging/``,
@@ -81,6 +82,19 @@ SMOKE = {
 }
 SMOKE_DEFAULTS = {"frames": 600, "seeds": [0], "tasks": ["HalfCheetah-v5", "Pendulum-v1"],
                   "out_runs": Path("/tmp/alm_learning_smoke/runs"), "results": Path("/tmp/alm_learning_smoke/results")}
+# --suite dmc: DeepMind Control Suite tasks at action repeat 2, frames counted in env steps (calibrated in
+# docs/results/dmc_small_scale/README.md). Frame counts below are env steps; the update count is per agent step.
+DMC_TASKS = ("dmc/cartpole-swingup", "dmc/reacher-easy")
+DMC_SETTINGS = {
+    "env.frame_skip": 2,  # DMC's usual action repeat (DrQ-v2, TD-MPC2, MR.Q, the ALM DMC fork)
+    "collector.init_random_frames": 5000,  # 2,500 agent steps, 5 episodes; then UTD 1: 47,500 updates per 100k run
+    "exploration.annealing_frames": 50000,  # noise 1.0 -> 0.1 over the first 50k of 95k trained env steps
+    **SMALL_NETWORKS,
+    "logger.eval_iter": 5000,  # 20 evaluations of 5 episodes (500 agent steps each), as often as the references
+    "logger.num_eval_episodes": 5,
+}
+DMC_DEFAULTS = {"frames": 100_000, "tasks": list(DMC_TASKS), "out_runs": REPO / "multirun" / "learning_benchmark_dmc",
+                "results": REPO / "docs" / "results" / "dmc_small_scale"}
 # Bookkeeping shared by every run: CPU, CSV logs, no checkpoint but the final one.
 FIXED = {
     "collector.device": "cpu",
@@ -105,9 +119,9 @@ class Job:
 
 
 def overrides_for(task: str, variant: str, seed: int, frames: int, smoke: bool) -> list[str]:
-    values = {"env.name": task, "env.seed": seed, "collector.total_frames": frames, **BENCHMARK,
-              **TASK_SETTINGS.get(task, {}), **VARIANTS.get(task, {}).get(variant, {}), **(SMOKE if smoke else {}),
-              **FIXED}
+    task_settings = DMC_SETTINGS if task.startswith("dmc/") else TASK_SETTINGS.get(task, {})
+    values = {"env.name": task, "env.seed": seed, "collector.total_frames": frames, **BENCHMARK, **task_settings,
+              **VARIANTS.get(task, {}).get(variant, {}), **(SMOKE if smoke else {}), **FIXED}
     return [f"{key}={value}" for key, value in values.items()]
 
 
@@ -184,6 +198,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference-dir", type=Path, default=default_reference_dir(),
                         help="released ALM score files for the overlay (default: $ALM_REFERENCE_DIR, else "
                              "shared/reference/official-alm-scores in or beside the checkout if present, else none)")
+    parser.add_argument("--suite", choices=("gym", "dmc"), default="gym",
+                        help="gym: the gymnasium tasks and settings above (default); dmc: DeepMind Control Suite tasks "
+                             f"({' '.join(DMC_TASKS)}) at action repeat 2, 100,000 env steps, results in "
+                             "docs/results/dmc_small_scale (smoke: dmc/cartpole-swingup)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny pipeline check (600 frames, tiny networks, 1 seed, 2 tasks) writing to /tmp")
@@ -191,10 +209,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = SMOKE_DEFAULTS if args.smoke else {
         "frames": 20000, "seeds": [0, 1, 2], "tasks": list(DEFAULT_TASKS),
         "out_runs": REPO / "multirun" / "learning_benchmark", "results": REPO / "docs" / "results" / "learning_20k"}
+    if args.suite == "dmc":
+        defaults = {**defaults, "tasks": [DMC_TASKS[0]]} if args.smoke else {**defaults, **DMC_DEFAULTS}
+        if args.reference_dir == default_reference_dir():
+            args.reference_dir = None  # the released ALM curves are gymnasium tasks only
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.settings = {**BENCHMARK, **SMOKE} if args.smoke else BENCHMARK
+    args.settings = {**BENCHMARK, **(DMC_SETTINGS if args.suite == "dmc" else {}), **(SMOKE if args.smoke else {})}
     if args.smoke:
         args.variants = False
     if args.table_frames is None:  # a quarter, half, three quarters and all of the frames, at evaluation points
@@ -266,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(jobs)} runs ({', '.join(args.tasks)}; seeds {' '.join(map(str, args.seeds))}; {args.frames} frames), "
           f"{args.jobs} at a time, in {sweep_dir}", flush=True)
     info = {
-        "benchmark": "benchmarks/learning.py" + (" --smoke" if args.smoke else ""),
+        "benchmark": "benchmarks/learning.py" + (" --suite dmc" if args.suite == "dmc" else "")
+                     + (" --smoke" if args.smoke else ""),
         "command": " ".join(map(shlex.quote, [sys.executable, *(sys.argv if argv is None else [__file__, *argv])])),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),

@@ -6,8 +6,9 @@
 
 Runs the recipe unchanged, as a subprocess, with everything a long run does: collection, updates, an evaluation and a
 checkpoint every ``--interval`` frames, CSV logging. The replay buffer is small (10,000 transitions, full after the
-first 10,000 frames) so that a full buffer's memory is part of the warm-up. Every ``--sample-every`` updates it
-records the recipe's resident memory, open file descriptors and mean update time over the last window, one JSON line
+first 10,000 frames) so that a full buffer's memory is part of the warm-up. Every ``--sample-every`` updates (at the
+first log it sees, polling every half second, that many updates after its previous sample) it records the recipe's
+resident memory, open file descriptors and mean update time over the last window, one JSON line
 each, then a summary line: the growth of each after the warm-up (``--warmup-updates``), from the first third of the
 remaining samples to the last third, and ``flat``: memory and update time within ``--tolerance`` (5%) and no more
 open files.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = RecipeProcess(overrides, run_dir)
     samples, previous, next_at = [], None, args.sample_every
     while recipe.running():
-        time.sleep(1.0)
+        time.sleep(0.5)
         try:
             sample = recipe.sample()
         except (FileNotFoundError, ProcessLookupError, StopIteration):  # it just ended

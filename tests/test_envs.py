@@ -113,3 +113,118 @@ def test_rollout_episodes_of_an_unbatched_env_stops_at_the_time_limit() -> None:
 def test_num_envs_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
         make_env("Pendulum-v1", num_envs=0)
+
+
+# ------------------------------------------------------------------------------- DeepMind Control Suite tasks
+def test_dmc_observation_entries_are_concatenated_in_float32() -> None:
+    env = make_env("dmc/cheetah-run", seed=0)
+    assert env.observation_spec["observation"].shape == (17,)  # position (8) and velocity (9)
+    rollout = env.rollout(5)
+    for key in EXPECTED_KEYS:
+        assert key in rollout.keys(include_nested=True), key
+    assert "position" not in rollout.keys() and "velocity" not in rollout.keys()
+    for key in ("observation", ("next", "observation"), ("next", "reward"), "action"):
+        assert rollout[key].dtype == torch.float32, key
+    # Matrix-valued entries (stacker's arm and box positions) are flattened into the same vector.
+    assert make_env("dmc/stacker-stack_2", seed=0).observation_spec["observation"].shape == (49,)
+
+
+@pytest.mark.parametrize("frame_skip", [2, 5])
+def test_dmc_time_limit_is_a_truncation_not_a_terminal(frame_skip: int) -> None:
+    # max_episode_steps above the suite's own 1000 steps: the DMC time limit (LAST, discount 1) ends the episode.
+    env = make_env("dmc/walker-walk", seed=0, frame_skip=frame_skip, max_episode_steps=3000)
+    steps = 1000 // frame_skip
+    rollout = env.rollout(2 * steps, break_when_any_done=False)
+    truncated = rollout["next", "truncated"].squeeze(-1)
+    assert truncated.nonzero().squeeze(-1).tolist() == [steps - 1, 2 * steps - 1]
+    assert not rollout["next", "terminated"].any()
+    assert torch.equal(rollout["next", "done"].squeeze(-1), truncated)
+    assert rollout["next", "step_count"][steps - 1].item() == steps
+
+
+def test_dmc_time_limit_is_bootstrapped_through() -> None:
+    """The critic's TD target at DMC's time limit is r + gamma min Q(z', a'), not r as a terminal would give."""
+    from alm_torchrl import make_alm_modules
+    from alm_torchrl.objectives import ALMLoss
+    from alm_torchrl.update import make_target_updater
+
+    env = make_env("dmc/cartpole-swingup", seed=0, frame_skip=2)
+    last = env.rollout(1000)[-1:]  # the truncated step
+    assert last["next", "truncated"].item() and not last["next", "terminated"].item()
+    torch.manual_seed(0)
+    modules = make_alm_modules(env.observation_spec_unbatched, env.action_spec_unbatched, latent_dim=4,
+                               hidden_dim=16, model_hidden_dim=16)
+    loss = ALMLoss(**modules.loss_kwargs())
+    loss.make_value_estimator(gamma=0.99)
+    make_target_updater(loss, tau=0.005)
+    batch = last.unsqueeze(1)  # one slice of one step
+
+    def target(batch):
+        torch.manual_seed(1)
+        return loss.qvalue_loss(batch)[1]["target_q_mean"]
+
+    terminal = batch.clone()
+    terminal["next", "terminated"] = torch.ones_like(terminal["next", "terminated"])
+    reward = batch["next", "reward"].squeeze()
+    torch.testing.assert_close(target(terminal), reward)
+    assert (target(batch) - reward).abs() > 1e-3
+
+
+def test_frame_skip_repeats_the_action_and_sums_the_rewards() -> None:
+    """frame_skip=2 gives every other state of frame_skip=1 under the repeated actions, and pairwise reward sums."""
+    repeated = make_env("dmc/cheetah-run", seed=5, frame_skip=2)
+    single = make_env("dmc/cheetah-run", seed=5)
+    actions = torch.rand(20, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    td_repeated, td_single = repeated.reset(), single.reset()
+    torch.testing.assert_close(td_repeated["observation"], td_single["observation"])
+    for action in actions:
+        td_repeated = repeated.step(td_repeated.set("action", action))
+        rewards = []
+        for _ in range(2):
+            td_single = single.step(td_single.set("action", action))
+            rewards.append(td_single["next", "reward"])
+            td_single = td_single["next"]
+        torch.testing.assert_close(td_repeated["next", "observation"], td_single["observation"])
+        torch.testing.assert_close(td_repeated["next", "reward"], sum(rewards))
+        td_repeated = td_repeated["next"]
+
+
+def test_batched_dmc_env_runs_separately_seeded_copies() -> None:
+    batched = make_env("dmc/cartpole-swingup", seed=3, num_envs=2, frame_skip=4)
+    assert batched.batch_size == (2,)
+    episodes = rollout_episodes(batched, fixed_policy(batched), max_steps=1000)
+    assert [len(episode) for episode in episodes] == [250, 250]
+    assert not torch.equal(episodes[0]["observation"][0], episodes[1]["observation"][0])
+    assert all(episode["next", "truncated"][-1].item() for episode in episodes)
+
+
+def test_batched_gymnasium_env_repeats_each_copys_action_on_its_own() -> None:
+    """With frame_skip, a copy's episode end does not cut the other copies' repeats (a SerialEnv, not a vector env)."""
+    batched = make_env("Hopper-v5", seed=1, num_envs=3, frame_skip=2, max_episode_steps=400)
+    policy = fixed_policy(batched)
+    episodes = rollout_episodes(batched, policy, max_steps=200)
+    # TorchRL seeds the copies in turn, each with the seed the previous one returns: so do the lone envs.
+    alone, seed = [], 1
+    for _ in range(3):
+        env = make_env("Hopper-v5", frame_skip=2, max_episode_steps=400)
+        seed = env.set_seed(seed)
+        alone.append(rollout_episodes(env, policy, 200)[0])
+    lengths = [len(episode) for episode in episodes]
+    assert len(set(lengths)) > 1 and lengths == [len(episode) for episode in alone]
+    for side_by_side, single in zip(episodes, alone):
+        torch.testing.assert_close(side_by_side["observation"], single["observation"])
+        torch.testing.assert_close(side_by_side["next", "reward"], single["next", "reward"])
+
+
+def test_unknown_dmc_task_is_one_line_with_close_matches() -> None:
+    with pytest.raises(ValueError) as info:
+        make_env("dmc/cheetah-runn")
+    message = str(info.value)
+    assert "\n" not in message and "'dmc/cheetah-run'" in message and "dm_control.suite.ALL_TASKS" in message
+    with pytest.raises(ValueError, match="'dmc/walker-walk'"):
+        check_env_name("dmc/walker_walk")
+
+
+def test_frame_skip_must_be_a_positive_integer() -> None:
+    with pytest.raises(ValueError, match="^frame_skip must be a positive integer, got 0$"):
+        make_env("Pendulum-v1", frame_skip=0)

@@ -27,7 +27,9 @@ from recipes.alm.utils import (
     make_checkpoints,
     make_collector,
     make_learner,
+    make_environment,
     make_replay_buffer as make_recipe_replay_buffer,
+    resolve_device,
     validate_config,
 )
 
@@ -149,9 +151,7 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
     assert new_data[frames:][traj_key].min() > old_data[traj_key].max()
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
+BAD_CONFIGS = [
         (["env.name=HalfCheeta-v5"], "Unknown environment 'HalfCheeta-v5'"),
         (["loss.horizon=0"], "loss.horizon must be >= 1"),
         (["optim.batch_size=0"], "optim.batch_size must be >= 1"),
@@ -167,9 +167,27 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
         (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),
         pytest.param(["collector.device=cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS)
+def test_bad_config_is_one_clear_error(tmp_path, monkeypatch, overrides, message):
+    """Every check the recipe makes before training, in process (``alm.py`` prints it as one line: below): the config's
+    own, then its factories' checks of their arguments, named by their config keys."""
+    monkeypatch.chdir(tmp_path)  # the run directory, where checkpoint.dir is looked for
+    with pytest.raises(ConfigError) as error:
+        cfg = load_config(*TINY, *overrides)
+        validate_config(cfg)
+        device = resolve_device(cfg)
+        train_env, _ = make_environment(cfg)
+        make_learner(cfg, train_env, device)
+        make_recipe_replay_buffer(cfg, device)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [BAD_CONFIGS[0], BAD_CONFIGS[6], BAD_CONFIGS[11]])
 def test_bad_config_fails_fast_with_one_line(tmp_path, overrides, message):
+    """The recipe itself: one ``alm.py:`` line, no traceback, nothing written; a schema error, a check and a resume."""
     start = time.monotonic()
     result = _run(*overrides, run_dir=tmp_path)
     assert result.returncode != 0

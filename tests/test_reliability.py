@@ -179,7 +179,7 @@ def test_a_full_disk_during_a_write_keeps_the_previous_checkpoint_and_training_g
 def test_a_logger_that_fails_mid_run_is_switched_off_and_training_keeps_its_checkpoints(disk_full_and_logs_removed):
     run_dir, result = disk_full_and_logs_removed
     (line,) = [line for line in _errors(result) if "logger" in line.lower()]
-    assert line.startswith("alm.py: the CSVLogger failed at frame 200 (FileNotFoundError: ")
+    assert line.startswith("alm.py: the MP4CSVLogger failed at frame 200 (FileNotFoundError: ")
     assert line.endswith("; metrics are no longer logged, training and its checkpoints go on")
     assert "Done: 200 frames, 110 updates" in result.stdout
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import mujoco
 import numpy as np
 import torch
 import tqdm
@@ -47,6 +48,7 @@ from utils import (
     make_learner,
     make_logger,
     make_replay_buffer,
+    make_video_env,
     MetricsLog,
     resolve_device,
     RESUME_AUTO,
@@ -60,6 +62,18 @@ torch.set_float32_matmul_precision("high")
 
 # Hydra's sweep launchers (joblib, submitit) run main() in worker processes, which must import utils.py as well.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+
+
+class WithoutModelDeprecations(logging.Filter):
+    """Drops MuJoCo's notices that a model file uses a deprecated attribute: gymnasium's and dm_control's model files
+    use 'settotalmass' (deprecated in MuJoCo 3.x), one notice per env built, which a user of the recipe cannot act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is deprecated" not in record.getMessage()
+
+
+QUIET_DEPRECATIONS = WithoutModelDeprecations()
 
 
 def exit_on_config_error(main):
@@ -90,6 +104,14 @@ def continue_command() -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.checkpoint.resume not in (None, RESUME_AUTO):
         cfg.checkpoint.resume = hydra.utils.to_absolute_path(cfg.checkpoint.resume)
+    # The progress bar and real warnings only: no INFO lines of TorchRL (spec checks, storage initialisation),
+    # dm_control (absl) and PyOpenGL, and MuJoCo's warnings through logging without its model-file deprecations
+    # (dm_control sends them to absl; gymnasium leaves them to MuJoCo, which would print them).
+    for name in ("torchrl", "OpenGL", "absl", "mujoco"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("absl", "mujoco"):
+        logging.getLogger(name).addFilter(QUIET_DEPRECATIONS)
+    mujoco.set_mju_user_warning(logging.getLogger("mujoco").warning)
     cfg = apply_schema(cfg)
     validate_config(cfg)
     resume = resume_checkpoint(cfg)  # with checkpoint.resume=auto: this run dir's own checkpoint, if any
@@ -98,8 +120,6 @@ def main(cfg: DictConfig) -> None:
         print(f"alm.py: {resume.resolve()} holds this run, finished at frame {resumed['collected_frames']}",
               file=sys.stderr)
         return
-    # The progress bar and real warnings only: no TorchRL INFO lines (spec checks, storage initialisation).
-    logging.getLogger("torchrl").setLevel(logging.WARNING)
     device = resolve_device(cfg)
     configure_runtime(cfg)
     timeit.reset()  # a process-pool launcher may run several jobs in one process
@@ -139,6 +159,7 @@ def main(cfg: DictConfig) -> None:
 
         logger = make_logger(cfg, resumed)  # a run resumed in place goes on writing its own logs
         metrics_log = MetricsLog(logger, announce=say)
+        video_env = make_video_env(cfg, logger)  # None unless logger.video
         num_updates_per_batch = updates_per_batch(cfg)
 
         def kept() -> str:
@@ -172,7 +193,7 @@ def main(cfg: DictConfig) -> None:
         while collected_frames < cfg.collector.total_frames and not stop.requested:
             with timeit("collect"):
                 data = next(collector_iter)
-            frames = data.numel()
+            frames = data.numel() * cfg.env.frame_skip  # env steps, as every frame count of the config
             previous_frames, collected_frames = collected_frames, collected_frames + frames
             pbar.update(frames)
             # Store only what the loss and the slice sampler read, not the policy's latents (3 x 50 floats a step),
@@ -225,6 +246,12 @@ def main(cfg: DictConfig) -> None:
                                                        cfg.logger.num_eval_episodes, cfg.loss.horizon,
                                                        max_steps=cfg.env.max_episode_steps,
                                                        sample_latents=cfg.logger.eval_latent == "sample"))
+                evaluation = collected_frames // cfg.logger.eval_iter
+                if video_env is not None and evaluation % cfg.logger.video_every == 0:
+                    with timeit("eval_video"):  # one more mean-action episode, rendered and logged as a video
+                        recorded = evaluate(video_env, agent.eval_policy, 1, cfg.env.max_episode_steps)
+                        video_env.transform.dump(step=collected_frames)
+                    result["video_return"] = recorded["return_mean"]
                 last_eval_return = result["return_mean"]
                 metrics.update({f"eval/{key}": value for key, value in result.items()})
                 pbar.set_postfix(eval_return=f"{last_eval_return:.1f}")
@@ -242,6 +269,8 @@ def main(cfg: DictConfig) -> None:
             written = collected_frames == 0 or checkpoint(then="stopping anyway")
         collector.shutdown()
         eval_env.close()
+        if video_env is not None:
+            video_env.close()
 
     if not finished:  # the signal handlers are back to what they were
         saved = (f"checkpoint {last_checkpoint}" if written and collected_frames

@@ -42,7 +42,7 @@ from torchrl.record.loggers import Logger, generate_exp_name, get_logger
 
 from alm_torchrl import ALMModules, make_alm_modules
 from alm_torchrl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, CheckpointError, TrainingCheckpoints
-from alm_torchrl.envs import check_env_name, make_env, replay_buffer_size_for
+from alm_torchrl.envs import agent_steps, check_env_name, check_offscreen_rendering, make_env, replay_buffer_size_for
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer as make_slice_replay_buffer
 from alm_torchrl.runtime import (
@@ -54,10 +54,14 @@ from alm_torchrl.runtime import (
 )
 from alm_torchrl.update import make_optimizer as make_grouped_optimizer
 from alm_torchrl.update import make_target_updater, make_update
+from alm_torchrl.video import MP4CSVLogger, make_video_env as make_recording_env, torchcodec_can_encode
 
 RECIPE_DIR = Path(__file__).resolve().parent
 # TorchRL's logger backends (torchrl.record.loggers.get_logger) and the package each needs beyond torchrl.
 LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+# The backends that take logger.video=true, and the module (and requirement) each encodes videos with: PyAV writes the
+# CSV logger's mp4 files where torchcodec cannot (alm_torchrl.video); TensorBoard imports moviepy.editor (moviepy < 2).
+VIDEO_ENCODERS = {"csv": ("av", "av"), "tensorboard": ("moviepy.editor", "moviepy<2"), "wandb": ("moviepy", "moviepy")}
 
 
 class ConfigError(ValueError):
@@ -70,6 +74,7 @@ class EnvConfig:
     name: str = MISSING
     seed: int = MISSING
     max_episode_steps: int = MISSING
+    frame_skip: int = MISSING
 
 
 @dataclass
@@ -146,6 +151,9 @@ class LoggerConfig:
     num_eval_episodes: int = MISSING
     eval_latent: str = MISSING
     lower_bound_bias: bool = MISSING
+    video: bool = MISSING
+    video_every: int = MISSING
+    video_fast_render: bool = MISSING
 
 
 @dataclass
@@ -264,17 +272,20 @@ def validate_config(cfg: DictConfig) -> None:
         check_env_name(cfg.env.name)
     except ValueError as err:
         raise ConfigError(f"env.name: {err}") from None
-    horizon, episode = cfg.loss.horizon, cfg.env.max_episode_steps
+    horizon, frame_skip = cfg.loss.horizon, cfg.env.frame_skip
+    with naming_config_keys(frame_skip="env.frame_skip"):
+        episode = agent_steps(cfg.env.max_episode_steps, frame_skip)
     # Slices never cross an episode boundary, so no stored episode could fill a longer slice.
     if horizon > episode:
         raise ConfigError(
-            f"loss.horizon={horizon} is longer than any episode (env.max_episode_steps={episode}); "
-            "use loss.horizon <= env.max_episode_steps"
+            f"loss.horizon={horizon} is longer than any episode (env.max_episode_steps={cfg.env.max_episode_steps} "
+            f"env steps = {episode} agent steps at env.frame_skip={frame_skip}); use loss.horizon <= {episode}"
         )
-    if cfg.collector.init_random_frames < horizon:
+    if agent_steps(cfg.collector.init_random_frames, frame_skip) < horizon:
         raise ConfigError(
             f"collector.init_random_frames={cfg.collector.init_random_frames} cannot fill one slice of "
-            f"loss.horizon={horizon} before the first update; use at least {horizon}"
+            f"loss.horizon={horizon} before the first update; use at least {horizon * frame_skip} "
+            f"(env steps, at env.frame_skip={frame_skip})"
         )
     product = cfg.collector.frames_per_batch * cfg.optim.utd_ratio
     if cfg.collector.frames_per_batch < 1 or updates_per_batch(cfg) < 1 or not math.isclose(product, round(product)):
@@ -295,7 +306,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.collector.total_frames < 1:
         raise ConfigError(f"collector.total_frames must be >= 1, got {cfg.collector.total_frames}")
-    for key in ("logger.eval_iter", "logger.num_eval_episodes", "checkpoint.interval"):
+    for key in ("logger.eval_iter", "logger.num_eval_episodes", "logger.video_every", "checkpoint.interval"):
         value = OmegaConf.select(cfg, key)
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -316,6 +327,8 @@ def validate_config(cfg: DictConfig) -> None:
         package = LOGGER_PACKAGES[backend]
         if package is not None and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logger.backend={backend!r} needs the {package} package: pip install {package}")
+    if cfg.logger.video:
+        validate_video(cfg)
     resume = resume_checkpoint(cfg)
     if resume is not None:
         validate_resume(cfg, resume)
@@ -330,6 +343,32 @@ def validate_config(cfg: DictConfig) -> None:
 
 RESUME_AUTO = "auto"
 """``checkpoint.resume=auto`` (the default): continue from the run directory's own checkpoint when it holds one."""
+
+
+def validate_video(cfg: DictConfig) -> None:
+    """``logger.video=true``: a backend that takes videos, its encoder's package, and MuJoCo rendering off-screen."""
+    backend = cfg.logger.backend
+    if backend not in VIDEO_ENCODERS:
+        raise ConfigError(
+            f"logger.video=true needs logger.backend={' or '.join(VIDEO_ENCODERS)}, not logger.backend={backend!r}"
+        )
+    module, requirement = VIDEO_ENCODERS[backend]
+    if not (backend == "csv" and torchcodec_can_encode()) and not _module_exists(module):
+        raise ConfigError(
+            f"logger.video=true with logger.backend={backend} encodes videos with {requirement}, which is not "
+            "installed: pip install -e \".[video]\""
+        )
+    try:
+        check_offscreen_rendering()
+    except RuntimeError as err:
+        raise ConfigError(f"logger.video=true: {err}") from None
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -396,6 +435,12 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
             f"{name} already holds {stored['collected_frames']} frames, >= "
             f"collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
         )
+    stored_frame_skip = stored["config"]["env"].get("frame_skip", 1)  # checkpoints from before frame_skip existed
+    if stored_frame_skip != cfg.env.frame_skip:
+        raise ConfigError(
+            f"{name} was trained with env.frame_skip={stored_frame_skip}, not "
+            f"env.frame_skip={cfg.env.frame_skip}; resume with env.frame_skip={stored_frame_skip}"
+        )
     for key, value in stored["network"].items():
         if cfg.network.get(key) != value:
             raise ConfigError(
@@ -444,13 +489,16 @@ def make_adaptive_threads(cfg: DictConfig, learner: "Learner", device: torch.dev
 
 def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
     """The training env, and the evaluation env: ``logger.num_eval_episodes`` copies of the task stepped together."""
-    with naming_config_keys(max_episode_steps="env.max_episode_steps", num_envs="logger.num_eval_episodes"):
-        train_env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps)
+    with naming_config_keys(max_episode_steps="env.max_episode_steps", num_envs="logger.num_eval_episodes",
+                            frame_skip="env.frame_skip"):
+        train_env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps,
+                             frame_skip=cfg.env.frame_skip)
         eval_env = make_env(
             cfg.env.name,
             seed=cfg.env.seed + 1,
             max_episode_steps=cfg.env.max_episode_steps,
             num_envs=cfg.logger.num_eval_episodes,
+            frame_skip=cfg.env.frame_skip,
         )
     return train_env, eval_env
 
@@ -460,6 +508,24 @@ def observation_key(env: EnvBase) -> str:
     observed from pixels only)."""
     keys = env.observation_spec.keys()
     return "pixels" if "observation" not in keys and "pixels" in keys else "observation"
+
+
+def make_video_env(cfg: DictConfig, logger: Logger | None) -> TransformedEnv | None:
+    """With ``logger.video=true``, one more copy of the task that renders, recorded into ``logger`` (else None).
+
+    Seeded with ``env.seed + 1 + logger.num_eval_episodes``, so that its episodes start elsewhere than the evaluation
+    copies' (seeded from ``env.seed + 1`` on).
+    """
+    if not cfg.logger.video:
+        return None
+    return make_recording_env(
+        cfg.env.name,
+        logger,
+        seed=cfg.env.seed + 1 + cfg.logger.num_eval_episodes,
+        max_episode_steps=cfg.env.max_episode_steps,
+        frame_skip=cfg.env.frame_skip,
+        fast_render=cfg.logger.video_fast_render,
+    )
 
 
 def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMModules:
@@ -616,16 +682,18 @@ def make_collector(cfg: DictConfig, env: EnvBase, policy: Callable, device: torc
     """The training collector: random actions for the first ``init_random_frames``, then ``policy``.
 
     A resumed run restores its frame count (and the episode in progress) from the checkpoint
-    (:class:`~alm_torchrl.checkpoint.CollectorState`). The env steps on the CPU; the policy runs and the batches are
-    stored on ``device``. ``compile.compile`` and ``compile.cudagraphs`` also compile the behaviour policy and replay
-    it as a CUDA graph, as TorchRL's ``sota-implementations`` do.
+    (:class:`~alm_torchrl.checkpoint.CollectorState`). The config counts env steps and the Collector agent steps: both
+    budgets are divided by ``env.frame_skip`` (rounded up). The env steps on the CPU; the policy runs and the batches
+    are stored on ``device``. ``compile.compile`` and ``compile.cudagraphs`` also compile the behaviour policy and
+    replay it as a CUDA graph, as TorchRL's ``sota-implementations`` do.
     """
+    frame_skip = cfg.env.frame_skip
     return Collector(
         env,
         policy,
         frames_per_batch=cfg.collector.frames_per_batch,
-        total_frames=cfg.collector.total_frames,
-        init_random_frames=cfg.collector.init_random_frames,
+        total_frames=agent_steps(cfg.collector.total_frames, frame_skip),
+        init_random_frames=agent_steps(cfg.collector.init_random_frames, frame_skip),
         env_device="cpu",
         policy_device=device,
         storing_device=device,
@@ -725,7 +793,7 @@ def make_logger(cfg: DictConfig, resumed: dict[str, Any] | None = None) -> Logge
     experiment (TorchRL's ``get_logger(state_dict=...)``; a W&B run is resumed); with the CSV backend the rows the
     stopped run logged after its checkpoint are removed first, so that the resumed run's rows follow without a gap or a
     repeat. Otherwise the logs start in a new experiment directory, their steps continuing from the checkpoint's frame
-    count.
+    count. The experiment name has no ``/`` (DMC tasks are ``dmc/<domain>-<task>``): it names one folder.
     """
     if not cfg.logger.backend:
         return None
@@ -738,10 +806,19 @@ def make_logger(cfg: DictConfig, resumed: dict[str, Any] | None = None) -> Logge
     if in_place and cfg.logger.backend == "csv":
         for scalars in (Path(LOG_DIR) / state["exp_name"] / "scalars").rglob("*.csv"):
             _drop_rows_after(scalars, resumed["collected_frames"])
+    experiment_name = generate_exp_name("ALM", cfg.logger.exp_name.replace("/", "_"))
+    if cfg.logger.backend == "csv":
+        # TorchRL's CSVLogger, its mp4 videos written with PyAV where torchcodec cannot (alm_torchrl.video); built
+        # here as get_logger builds a CSVLogger, from the saved state when resumed in place.
+        if not in_place:
+            return MP4CSVLogger(experiment_name, log_dir=LOG_DIR)
+        logger = MP4CSVLogger(state["exp_name"], log_dir=state["log_dir"])
+        logger.load_state_dict(state)
+        return logger
     return get_logger(
         cfg.logger.backend,
         logger_name=LOG_DIR,
-        experiment_name=generate_exp_name("ALM", cfg.logger.exp_name),
+        experiment_name=experiment_name,
         state_dict=state if in_place else None,
         wandb_kwargs={"config": OmegaConf.to_container(cfg, resolve=True), "project": "alm"},
     )
