@@ -49,7 +49,10 @@ from torchrl.envs import (
     InitTracker,
     RewardSum,
     SerialEnv,
+    CatFrames,
+    ExcludeTransform,
     StepCounter,
+    ToTensorImage,
     TransformedEnv,
 )
 
@@ -61,6 +64,7 @@ __all__ = [
     "EnvPreset",
     "SimulatorState",
     "agent_steps",
+    "renders_mujoco",
     "check_env_name",
     "check_offscreen_rendering",
     "dmc_task",
@@ -68,6 +72,7 @@ __all__ = [
     "replay_buffer_size_for",
     "rollout_episodes",
     "select_offscreen_gl_backend",
+    "stacked_pixels",
 ]
 
 DEFAULT_MAX_EPISODE_STEPS = 1000
@@ -201,6 +206,33 @@ def check_env_name(env_name: str, *, allow_presets: bool = True) -> None:
     )
 
 
+def renders_mujoco(env_name: str) -> bool:
+    """Whether ``env_name`` (a valid name: :func:`check_env_name`) is a MuJoCo task, rendered at any image size: a DMC
+    task or a gymnasium MuJoCo task (presets included)."""
+    if dmc_task(env_name) is not None:
+        return True
+    preset = ENV_PRESETS.get(env_name)
+    env_id = preset.gym_id if preset is not None else env_name
+    return "mujoco" in str(gymnasium.envs.registry[env_id].entry_point)
+
+
+def stacked_pixels(num_frames: int = 3) -> Compose:
+    """What an image encoder reads from an env made with ``make_env(image_size=...)``: its ``pixels`` as ``[C, H, W]``
+    uint8 (``ToTensorImage`` without scaling: the frames stay bytes in the replay buffer, the encoder scales them), the
+    last ``num_frames`` of them stacked along the channels (``CatFrames``, the first frame of an episode repeated), and
+    no state ``observation`` (``ExcludeTransform``). DrQ-v2's protocol with ``num_frames=3`` and 84x84 images.
+
+    Append it to the env: ``env.append_transform(stacked_pixels(3))``.
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer (DrQ-v2: 3), got {num_frames!r}")
+    return Compose(
+        ToTensorImage(from_int=False, dtype=torch.uint8, in_keys=["pixels"]),
+        CatFrames(N=num_frames, dim=-3, in_keys=["pixels"]),
+        ExcludeTransform("observation"),
+    )
+
+
 def agent_steps(env_steps: int, frame_skip: int) -> int:
     """The agent steps that take ``env_steps`` env steps at action repeat ``frame_skip``, rounded up."""
     _check_frame_skip(frame_skip)
@@ -279,7 +311,7 @@ def make_env(
         make_copy = partial(_make_dmc_env, *task, device=device, frame_skip=frame_skip, image_size=image_size,
                             fast_render=fast_render, task_kwargs=make_kwargs)
     else:
-        mujoco_task = "mujoco" in str(gymnasium.envs.registry[env_id].entry_point)
+        mujoco_task = renders_mujoco(env_id)
         if image_size is not None and mujoco_task:
             make_kwargs.update(height=image_size[0], width=image_size[1])
         make_copy = partial(_make_gym_env, env_id, device=device, frame_skip=frame_skip,
@@ -417,7 +449,8 @@ class SimulatorState:
     random generator its resets draw from (gymnasium's ``np_random``) and the simulator's state: MuJoCo's full
     integration state (``mj_getState(mjSTATE_INTEGRATION)``, the state from which MuJoCo reproduces the next step
     bitwise) for gymnasium's MuJoCo tasks, the ``state`` array for classic-control tasks such as Pendulum.
-    ``load_state_dict`` puts them back. :attr:`restorable` is False for a task whose state this cannot capture: its
+    ``load_state_dict`` puts them back. :attr:`restorable` is False for a task whose state this cannot capture (a DMC
+    task, or an env with a transform that remembers past steps: ``CatFrames``' stacked frames): its
     ``state_dict()`` is then empty and the caller must start a fresh episode after loading.
     TorchRL's own per-step state (the observation, step count, episode return) lives in the tensordict a
     collector carries from step to step, not here.
@@ -437,7 +470,9 @@ class SimulatorState:
     @property
     def restorable(self) -> bool:
         copies = self._copies()
-        return bool(copies) and all(_simulator_kind(copy) is not None for copy in copies)
+        transforms = self.env.transform.modules() if isinstance(self.env, TransformedEnv) else ()
+        remembers_steps = any(isinstance(transform, CatFrames) for transform in transforms)
+        return bool(copies) and not remembers_steps and all(_simulator_kind(copy) is not None for copy in copies)
 
     def state_dict(self) -> dict[str, Any]:
         if not self.restorable:

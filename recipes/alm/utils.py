@@ -42,7 +42,15 @@ from torchrl.record.loggers import Logger, generate_exp_name, get_logger
 
 from alm_torchrl import ALMModules, make_alm_modules
 from alm_torchrl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, CheckpointError, TrainingCheckpoints
-from alm_torchrl.envs import agent_steps, check_env_name, check_offscreen_rendering, make_env, replay_buffer_size_for
+from alm_torchrl.envs import (
+    agent_steps,
+    check_env_name,
+    check_offscreen_rendering,
+    make_env,
+    renders_mujoco,
+    replay_buffer_size_for,
+    stacked_pixels,
+)
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer as make_slice_replay_buffer
 from alm_torchrl.runtime import (
@@ -52,6 +60,7 @@ from alm_torchrl.runtime import (
     skip_pandas_lookup_in_tensordict_from_any,
     torch_compile_failure,
 )
+from alm_torchrl.transforms import RandomShift
 from alm_torchrl.update import make_optimizer as make_grouped_optimizer
 from alm_torchrl.update import make_target_updater, make_update
 from alm_torchrl.video import MP4CSVLogger, make_video_env as make_recording_env, torchcodec_can_encode
@@ -74,7 +83,10 @@ class EnvConfig:
     name: str = MISSING
     seed: int = MISSING
     max_episode_steps: int = MISSING
-    frame_skip: int = MISSING
+    frame_skip: Optional[int] = MISSING
+    from_pixels: bool = MISSING
+    image_size: int = MISSING
+    num_frames: int = MISSING
 
 
 @dataclass
@@ -90,6 +102,7 @@ class ReplayBufferConfig:
     size: Optional[int] = MISSING
     prefetch: Optional[int] = MISSING
     sampling: str = MISSING
+    random_shift: int = MISSING
 
 
 @dataclass
@@ -180,13 +193,19 @@ class ALMConfig:
 
 
 def apply_schema(cfg: DictConfig) -> DictConfig:
-    """``cfg`` typed by :class:`ALMConfig`: numbers given as strings are converted, a wrong type is a ConfigError."""
+    """``cfg`` typed by :class:`ALMConfig`: numbers given as strings are converted, a wrong type is a ConfigError.
+
+    ``env.frame_skip=null`` becomes its value: 2 with ``env.from_pixels`` (DrQ-v2's protocol), else 1.
+    """
     try:
-        return OmegaConf.merge(OmegaConf.structured(ALMConfig), cfg)
+        cfg = OmegaConf.merge(OmegaConf.structured(ALMConfig), cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         reason = str(getattr(err, "msg", err)).splitlines()[0]
         raise ConfigError(f"{key}: {reason}") from None
+    if cfg.env.frame_skip is None:
+        cfg.env.frame_skip = 2 if cfg.env.from_pixels else 1
+    return cfg
 
 
 def load_config(*overrides: str) -> DictConfig:
@@ -327,6 +346,8 @@ def validate_config(cfg: DictConfig) -> None:
         package = LOGGER_PACKAGES[backend]
         if package is not None and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logger.backend={backend!r} needs the {package} package: pip install {package}")
+    if cfg.env.from_pixels:
+        validate_pixels(cfg)
     if cfg.logger.video:
         validate_video(cfg)
     resume = resume_checkpoint(cfg)
@@ -343,6 +364,29 @@ def validate_config(cfg: DictConfig) -> None:
 
 RESUME_AUTO = "auto"
 """``checkpoint.resume=auto`` (the default): continue from the run directory's own checkpoint when it holds one."""
+
+
+def validate_pixels(cfg: DictConfig) -> None:
+    """``env.from_pixels=true``: a MuJoCo task, images the encoder can take, and MuJoCo rendering off-screen."""
+    if not renders_mujoco(cfg.env.name):
+        raise ConfigError(
+            f"env.from_pixels=true renders DMC and gymnasium MuJoCo tasks, not env.name={cfg.env.name!r}"
+        )
+    if cfg.env.image_size < 15:
+        raise ConfigError(
+            f"env.image_size={cfg.env.image_size} is too small for the image encoder's four 3x3 convolutions; use at "
+            "least 15 (DrQ-v2: 84)"
+        )
+    if cfg.env.num_frames < 1:
+        raise ConfigError(f"env.num_frames must be >= 1 (frames stacked; DrQ-v2: 3), got {cfg.env.num_frames}")
+    if cfg.replay_buffer.random_shift < 0:
+        raise ConfigError(
+            f"replay_buffer.random_shift must be >= 0 (pixels; DrQ: 4, 0: none), got {cfg.replay_buffer.random_shift}"
+        )
+    try:
+        check_offscreen_rendering()
+    except RuntimeError as err:
+        raise ConfigError(f"env.from_pixels=true: {err}") from None
 
 
 def validate_video(cfg: DictConfig) -> None:
@@ -435,12 +479,14 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
             f"{name} already holds {stored['collected_frames']} frames, >= "
             f"collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
         )
-    stored_frame_skip = stored["config"]["env"].get("frame_skip", 1)  # checkpoints from before frame_skip existed
-    if stored_frame_skip != cfg.env.frame_skip:
-        raise ConfigError(
-            f"{name} was trained with env.frame_skip={stored_frame_skip}, not "
-            f"env.frame_skip={cfg.env.frame_skip}; resume with env.frame_skip={stored_frame_skip}"
-        )
+    # What the agent observes and how often it acts; defaults for checkpoints from before these keys existed.
+    for key, default in (("frame_skip", 1), ("from_pixels", False), ("image_size", 84), ("num_frames", 3)):
+        stored_value = stored["config"]["env"].get(key, default)
+        if stored_value != cfg.env[key] and (key in ("frame_skip", "from_pixels") or cfg.env.from_pixels):
+            raise ConfigError(
+                f"{name} was trained with env.{key}={stored_value}, not env.{key}={cfg.env[key]}; resume with "
+                f"env.{key}={stored_value}"
+            )
     for key, value in stored["network"].items():
         if cfg.network.get(key) != value:
             raise ConfigError(
@@ -488,18 +534,27 @@ def make_adaptive_threads(cfg: DictConfig, learner: "Learner", device: torch.dev
 
 
 def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
-    """The training env, and the evaluation env: ``logger.num_eval_episodes`` copies of the task stepped together."""
+    """The training env, and the evaluation env: ``logger.num_eval_episodes`` copies of the task stepped together.
+
+    With ``env.from_pixels``, both observe ``env.num_frames`` stacked ``pixels`` only (:func:`~alm_torchrl.envs.
+    stacked_pixels`), rendered at ``env.image_size``.
+    """
+    image_size = (cfg.env.image_size, cfg.env.image_size) if cfg.env.from_pixels else None
     with naming_config_keys(max_episode_steps="env.max_episode_steps", num_envs="logger.num_eval_episodes",
-                            frame_skip="env.frame_skip"):
+                            frame_skip="env.frame_skip", num_frames="env.num_frames"):
         train_env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps,
-                             frame_skip=cfg.env.frame_skip)
+                             frame_skip=cfg.env.frame_skip, image_size=image_size)
         eval_env = make_env(
             cfg.env.name,
             seed=cfg.env.seed + 1,
             max_episode_steps=cfg.env.max_episode_steps,
             num_envs=cfg.logger.num_eval_episodes,
             frame_skip=cfg.env.frame_skip,
+            image_size=image_size,
         )
+        if cfg.env.from_pixels:
+            train_env.append_transform(stacked_pixels(cfg.env.num_frames))
+            eval_env.append_transform(stacked_pixels(cfg.env.num_frames))
     return train_env, eval_env
 
 
@@ -658,24 +713,35 @@ def make_learner(
 
 
 def make_replay_buffer(cfg: DictConfig, device: torch.device) -> TensorDictReplayBuffer:
-    """The slice replay buffer on ``device``; ``replay_buffer.prefetch=null`` prefetches 3 batches on CUDA only."""
+    """The slice replay buffer on ``device``; ``replay_buffer.prefetch=null`` prefetches 3 batches on CUDA only.
+
+    With ``env.from_pixels``, each frame is stored once (:class:`~alm_torchrl.frames.FrameStackStorage`) and sampled
+    observations are shifted by up to ``replay_buffer.random_shift`` pixels (:class:`~alm_torchrl.transforms.
+    RandomShift`, after the stacks are rebuilt).
+    """
     prefetch = cfg.replay_buffer.prefetch
     if prefetch is None:
         prefetch = 3 if device.type == "cuda" else 0
+    pixels = cfg.env.from_pixels
     with naming_config_keys(
         size="replay_buffer.size",
         batch_size="optim.batch_size",
         slice_len="loss.horizon",
         sampling="replay_buffer.sampling",
     ):
-        return make_slice_replay_buffer(
+        replay_buffer = make_slice_replay_buffer(
             size=replay_buffer_capacity(cfg),
             batch_size=cfg.optim.batch_size,
             slice_len=cfg.loss.horizon,
             device=device,
             prefetch=prefetch,
             sampling=cfg.replay_buffer.sampling,
+            pixels_key="pixels" if pixels else None,
+            num_frames=cfg.env.num_frames,
         )
+    if pixels and cfg.replay_buffer.random_shift:
+        replay_buffer.append_transform(RandomShift(pad=cfg.replay_buffer.random_shift))
+    return replay_buffer
 
 
 def make_collector(cfg: DictConfig, env: EnvBase, policy: Callable, device: torch.device) -> Collector:
