@@ -5,7 +5,8 @@ Builds env, modules, loss, optimizer, update, replay buffer and collector with t
 with the recipe's random warm-up, then reports, as one JSON line on stdout:
 
 - the update: ``ms_per_update_median`` (and p10/p90/mean) and ``updates_per_s`` (from the median), each update
-  timed on its own; ``updates_per_s_back_to_back``: sampling and updating ``--updates`` times in a row with one device
+  timed on its own; ``warmup_updates_s``: the untimed warm-up updates together, compilation included;
+  ``updates_per_s_back_to_back``: sampling and updating ``--updates`` times in a row with one device
   sync at the end, as the recipe runs them (on a GPU the host then queues work ahead of the device);
 - the collector alone: ``collector_random_frames_per_s`` (warm-up, random actions) and
   ``collector_policy_frames_per_s`` (the behaviour policy on ``device``);
@@ -15,6 +16,8 @@ with the recipe's random warm-up, then reports, as one JSON line on stdout:
   one, with ``eval_episode_length_mean``; and the whole recipe with it, ``end_to_end_frames_per_s``: the loop's time
   per frame plus one evaluation every ``logger.eval_iter`` frames;
 - with ``--count-flops``: ``gflop_per_update``, the work ``torch.profiler`` counts in one update;
+- with ``--profile N``: ``profile``, where the time of N updates goes as Python's profiler sees it (see
+  :func:`profile_breakdown`; under the profiler an update takes about twice as long);
 - memory: ``bytes_per_transition`` of the replay storage, ``buffer_capacity`` and the process's peak resident set
   ``max_rss_gib`` (with ``--fill-buffer``, after writing the whole buffer).
 
@@ -30,9 +33,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
 import platform
+import pstats
 import resource
 import statistics
 import sys
@@ -90,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-every", type=int, default=None,
                         help="read the gradient norms on the host every N updates (default: the recipe's, once per "
                              "collected batch; 1 measures a host sync per update)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N updates with cProfile and report where their time goes")
     parser.add_argument("--count-flops", action="store_true",
                         help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
     parser.add_argument("--tiny", action="store_true",
@@ -171,6 +178,42 @@ def gflop_per_call(fn: Callable[[], object], calls: int = 3) -> float:
         for _ in range(calls):
             fn()
     return sum(event.flops for event in profile.key_averages()) / calls / 1e9
+
+
+# Where an update's time goes, two views: the cumulative time under a few functions (what each step costs with
+# everything it calls), and every function's own time summed by library (these add up to the total).
+PROFILE_PARTS = {
+    "backward": ("torch/autograd/__init__.py", "backward"),
+    "optimizer_step": ("torch/optim/adam.py", "step"),
+    "target_update": ("alm_torchrl/update.py", "step"),  # ForeachSoftUpdate.step
+    "parameter_swaps": ("tensordict/base.py", "to_module"),
+    "tensordict_from_any": ("tensordict/base.py", "from_any"),
+}
+PROFILE_LIBRARIES = {"tensordict": "/tensordict/", "torchrl": "/torchrl/", "torch_nn": "/torch/nn/",
+                     "torch_other": "/torch/", "alm_torchrl": "/alm_torchrl/", "objectives": "/objectives/"}
+
+
+def profile_breakdown(fn: Callable[[], object], calls: int) -> dict[str, float]:
+    """Milliseconds per call of ``fn`` under cProfile: ``total_ms``; ``cum_<part>_ms``, the cumulative time under each
+    of ``PROFILE_PARTS``; and ``own_<library>_ms``, the own time of the functions of each of ``PROFILE_LIBRARIES``
+    (first match), of built-ins and C functions (``builtins``) and of the rest (``other``), which add up to the
+    total."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own, cumulative, callers)}
+    per_call = 1000 / calls
+    result = {"total_ms": per_call * sum(entry[2] for entry in stats.values())}
+    for part, (file, name) in PROFILE_PARTS.items():
+        result[f"cum_{part}_ms"] = per_call * sum(entry[3] for key, entry in stats.items()
+                                                  if key[0].endswith(file) and key[2] == name)
+    for (file, _, _), entry in stats.items():
+        library = "builtins" if file == "~" else next(
+            (name for name, marker in PROFILE_LIBRARIES.items() if marker in file), "other")
+        result[f"own_{library}_ms"] = result.get(f"own_{library}_ms", 0.0) + per_call * entry[2]
+    return {key: round(value, 3) for key, value in result.items()}
 
 
 def storage_bytes_per_transition(replay_buffer) -> int:
@@ -263,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["collector_policy_frames_per_s"] = policy_frames / (time.perf_counter() - start)
 
     # The update alone, on fresh samples; sampling is timed apart.
-    durations, sample_durations = [], []
+    durations, sample_durations, warmup_s = [], [], 0.0
     for step in range(args.warmup_updates + args.updates):
         start = time.perf_counter()
         batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
@@ -271,17 +314,22 @@ def main(argv: list[str] | None = None) -> dict:
         sampled = time.perf_counter()
         update(batch)
         synchronize(device)
-        if step == 0:  # with compile.compile: compilation (inductor's cache makes a second start-up faster)
-            result["first_update_s"] = time.perf_counter() - sampled
-        if step >= args.warmup_updates:
+        if step < args.warmup_updates:  # with compile.compile, compilation (a warm inductor cache makes it shorter)
+            warmup_s += time.perf_counter() - sampled
+        else:
             sample_durations.append(sampled - start)
             durations.append(time.perf_counter() - sampled)
-    result.update(update_timings(durations, sample_durations))
+    result.update(update_timings(durations, sample_durations), warmup_updates_s=warmup_s)
     start = time.perf_counter()
     for _ in range(args.updates):
         update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
     synchronize(device)
     result["updates_per_s_back_to_back"] = args.updates / (time.perf_counter() - start)
+
+    if args.profile:
+        result["profile"] = profile_breakdown(
+            lambda: update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)), args.profile
+        )
 
     if args.count_flops:
         result["gflop_per_update"] = gflop_per_call(

@@ -28,7 +28,7 @@ def test_update_speed_reports_the_required_fields(capsys):
     for key in ("updates_per_s", "ms_per_update_median", "device", "env", "torch", "threads", "compile",
                 "cudagraphs", "collector_random_frames_per_s", "collector_policy_frames_per_s",
                 "loop_frames_per_s", "bytes_per_transition", "updates_per_s_back_to_back", "eval_s",
-                "end_to_end_frames_per_s", "first_update_s"):
+                "end_to_end_frames_per_s", "warmup_updates_s"):
         assert key in result, key
     assert result["env"] == "HalfCheetah-v5" and result["device"] == "cpu"
     assert result["compile"] is False and result["cudagraphs"] is False
