@@ -569,18 +569,23 @@ def make_video_env(cfg: DictConfig, logger: Logger | None) -> TransformedEnv | N
     """With ``logger.video=true``, one more copy of the task that renders, recorded into ``logger`` (else None).
 
     Seeded with ``env.seed + 1 + logger.num_eval_episodes``, so that its episodes start elsewhere than the evaluation
-    copies' (seeded from ``env.seed + 1`` on).
+    copies' (seeded from ``env.seed + 1`` on). From pixels the video is what the agent sees: its own
+    ``env.image_size`` frames, recorded before they are stacked, rendered as in training (``video_fast_render`` does
+    not apply).
     """
     if not cfg.logger.video:
         return None
-    return make_recording_env(
+    pixels = cfg.env.from_pixels
+    video_env = make_recording_env(
         cfg.env.name,
         logger,
         seed=cfg.env.seed + 1 + cfg.logger.num_eval_episodes,
         max_episode_steps=cfg.env.max_episode_steps,
         frame_skip=cfg.env.frame_skip,
-        fast_render=cfg.logger.video_fast_render,
+        **({"image_size": (cfg.env.image_size, cfg.env.image_size)} if pixels else {}),
+        fast_render=cfg.logger.video_fast_render and not pixels,
     )
+    return video_env.append_transform(stacked_pixels(cfg.env.num_frames)) if pixels else video_env
 
 
 def make_alm_agent(cfg: DictConfig, env: EnvBase, device: torch.device) -> ALMModules:
