@@ -3,11 +3,6 @@ frame once, and tiny training runs on a DMC task and on a gymnasium MuJoCo task 
 ``test_dmc_video.py`` for why rendering runs each get a process of their own)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import av
 import pytest
 import torch
@@ -27,26 +22,12 @@ from recipes.alm.utils import (
 )
 
 from conftest import TINY_RECIPE as TINY
+from test_dmc_video import _run, _scalar  # a recipe subprocess that must succeed; a logged scalar's rows
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "alm" / "alm.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
 TINY = [override for override in TINY if not override.startswith("env.max_episode_steps=")]
 # 16x16 frames (the smallest the DrQ-v2 encoder takes is 15x15), 8 channels; action repeat 2 (the pixel default).
 PIXELS = [*TINY, "env.from_pixels=true", "env.image_size=16", "network.conv_channels=8",
           "network.conv_feature_dim=8", "env.max_episode_steps=60", "checkpoint.interval=100000"]
-
-
-def _run(overrides: list[str], run_dir: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(RECIPE), *overrides, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _scalar(run_dir: Path, name: str) -> list[tuple[int, float]]:
-    (csv,) = run_dir.glob(f"alm_logging/*/scalars/{name}.csv")
-    return [(int(step), float(value)) for step, value in (row.split(",") for row in csv.read_text().splitlines())]
 
 
 def test_pixel_config_builds_stacked_frames_a_conv_encoder_and_a_frame_buffer():
