@@ -72,23 +72,23 @@ def test_bad_pixel_config_is_one_line(overrides, message):
 
 
 def test_a_dmc_pixel_run_trains_records_what_the_agent_sees_and_resumes(tmp_path):
-    # 300 env steps (150 agent steps) of dmc/cartpole-swingup from 16x16 pixels, with a video of the evaluation, then
-    # resumed to 400 in place.
-    overrides = [*PIXELS, "env.name=dmc/cartpole-swingup", "logger.eval_iter=300", "logger.video=true",
+    # 200 env steps (100 agent steps) of dmc/cartpole-swingup from 16x16 pixels, with a video of the evaluation, then
+    # resumed to 240 in place.
+    overrides = [*PIXELS, "env.name=dmc/cartpole-swingup", "logger.eval_iter=200", "logger.video=true",
                  "logger.video_every=1"]
-    first = _run([*overrides, "collector.total_frames=300"], tmp_path)
-    # 10 updates per batch of 10 agent steps (20 env steps), from the batch that ends the 100-step warm-up: 11 batches.
-    assert "Done: 300 frames, 110 updates" in first.stdout
-    assert [step for step, _ in _scalar(tmp_path, "eval/return_mean")] == [300]
+    first = _run([*overrides, "collector.total_frames=200"], tmp_path)
+    # 10 updates per batch of 10 agent steps (20 env steps), from the batch that ends the 100-step warm-up: 6 batches.
+    assert "Done: 200 frames, 60 updates" in first.stdout
+    assert [step for step, _ in _scalar(tmp_path, "eval/return_mean")] == [200]
     # The video env gives the policy its stacked frames and records the unstacked ones: the agent's view.
-    (video,) = tmp_path.glob("alm_logging/*/videos/eval/video_300.mp4")
+    (video,) = tmp_path.glob("alm_logging/*/videos/eval/video_200.mp4")
     with av.open(str(video)) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 30 + 1 and frames[0].shape == (16, 16, 3)  # 60 env steps at action repeat 2, and the reset
     assert all(value == value for _, value in _scalar(tmp_path, "train/loss_model"))  # no NaN
-    second = _run([*overrides, "collector.total_frames=400"], tmp_path)  # checkpoint.resume=auto: the same run
-    assert "Resumed from" in second.stderr and "at frame 300" in second.stderr
-    assert "Done: 400 frames, 160 updates" in second.stdout
+    second = _run([*overrides, "collector.total_frames=240"], tmp_path)  # checkpoint.resume=auto: the same run
+    assert "Resumed from" in second.stderr and "at frame 200" in second.stderr
+    assert "Done: 240 frames, 80 updates" in second.stdout
 
 
 def test_a_gymnasium_pixel_run_trains(tmp_path):
