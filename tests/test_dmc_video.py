@@ -21,6 +21,7 @@ from alm_torchrl.video import DEFAULT_VIDEO_SIZE, MP4CSVLogger, write_mp4
 from recipes.alm.utils import ConfigError, load_config, validate_config
 
 from conftest import TINY_RECIPE as TINY
+from test_sweeps import _flat  # every leaf of a config by dotted key
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "alm" / "alm.py"
@@ -189,18 +190,6 @@ FORK_SETTINGS = {"env.frame_skip": 2, "collector.total_frames": 1_000_000, "coll
                  "logger.eval_iter": 25_000, "logger.num_eval_episodes": 10}
 LARGE_BODY = {"collector.total_frames": 5_000_000, "replay_buffer.size": 1_000_000, "network.latent_dim": 100,
               "exploration.annealing_frames": 250_000}
-
-
-def _flat(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-    return dict(walk(OmegaConf.to_container(cfg, resolve=False), ""))
 
 
 def test_every_dmc_preset_file_is_tested():
