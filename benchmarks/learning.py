@@ -84,7 +84,7 @@ SMOKE_DEFAULTS = {"frames": 600, "seeds": [0], "tasks": ["HalfCheetah-v5", "Pend
                   "out_runs": Path("/tmp/alm_learning_smoke/runs"), "results": Path("/tmp/alm_learning_smoke/results")}
 # --suite dmc: DeepMind Control Suite tasks at action repeat 2, frames counted in env steps (calibrated in
 # docs/results/dmc_small_scale/README.md). Frame counts below are env steps; the update count is per agent step.
-DMC_TASKS = ("dmc/cartpole-swingup", "dmc/reacher-easy")
+DMC_TASKS = ("dmc/cartpole-swingup", "dmc/reacher-easy", "dmc/cartpole-balance")
 DMC_SETTINGS = {
     "env.frame_skip": 2,  # DMC's usual action repeat (DrQ-v2, TD-MPC2, MR.Q, the ALM DMC fork)
     "collector.init_random_frames": 5000,  # 2,500 agent steps, 5 episodes; then UTD 1: 47,500 updates per 100k run

@@ -239,9 +239,10 @@ def test_learning_benchmark_dmc_suite_commands(capsys):
     assert learning.main(["--suite", "dmc", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     commands = [line for line in lines if "recipes/alm/alm.py" in line]
-    assert len(commands) == 6 and all("env.frame_skip=2" in line and "collector.total_frames=100000" in line
+    assert len(commands) == 9 and all("env.frame_skip=2" in line and "collector.total_frames=100000" in line
                                       for line in commands)
-    assert {line.split("env.name=")[1].split()[0] for line in commands} == {"dmc/cartpole-swingup", "dmc/reacher-easy"}
+    assert {line.split("env.name=")[1].split()[0] for line in commands} == {"dmc/cartpole-swingup", "dmc/reacher-easy",
+                                                                            "dmc/cartpole-balance"}
     (results,) = [line for line in lines if "alm_torchrl.results" in line]
     assert "docs/results/dmc_small_scale" in results and "--reference-dir" not in results
     assert "--frames 25000 50000 75000 100000" in results
