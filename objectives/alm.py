@@ -2,10 +2,9 @@
 # torchrl/objectives/ as is.
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -552,38 +551,55 @@ class ALMLoss(LossModule):
         return self.actor_network_params.detach()
 
     # ------------------------------------------------------------------ network calls
-    @staticmethod
-    def _with_params(
-        network: TensorDictModuleBase, params: TensorDictBase | None
-    ) -> AbstractContextManager:
-        """Calls of ``network`` inside this context use ``params``.
+    def _params(self, network: str, kind: str) -> TensorDictBase:
+        """The parameters of ``network``: its trained ones (``"online"``), the same tensors
+        detached (``"detached"``: the network is frozen) or its target ones (``"target"``)."""
+        if kind == "online":
+            return getattr(self, f"{network}_params")
+        if kind == "detached":
+            return getattr(self, f"_cached_detached_{network}_params")
+        return getattr(self, f"target_{network}_params")
 
-        ``params=None``: the caller has already swapped them in, for a loop of calls (each
-        swap costs as much as a small network's forward pass).
+    def _network(
+        self, network: str, kind: str, critic: int | None = None
+    ) -> TensorDictModuleBase:
+        """``network`` holding its ``kind`` parameters (those of critic ``critic`` of the
+        critics), to be called right away.
+
+        TorchRL's losses swap the parameters into a shared module around each call
+        (``with params.to_module(module)``). At small sizes a swap and its undoing cost more
+        than the network's forward pass, and an ALM update makes about 30 network calls. So in
+        eager mode each parameter set is swapped into its own copy of the module once and kept:
+        the copies hold the parameters' own tensors (the optimizer's in-place steps reach them)
+        and are cached with the detached parameters, so they are dropped and rebuilt with them
+        when the loss is moved (``LossModule._erase_cache``). Under ``torch.compile`` the
+        parameters are swapped into the shared module and left there, which traces to fewer
+        side effects than swapping back after each call.
         """
-        if params is None:
-            return contextlib.nullcontext()
-        return params.to_module(network, preserve_module_state=False)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            cache = self.__dict__.setdefault("_cache", {})
+            key = (network, kind, critic)
+            if key in cache:
+                return cache[key]
+        params = self._params(network, kind)
+        if critic is not None:
+            params = params[critic]
+        if compiling:
+            module = getattr(self, network)
+        else:
+            module = cache[key] = deepcopy(getattr(self, network))
+        params.to_module(module, return_swap=False, preserve_module_state=False)
+        return module
 
-    def _latent_dist(
-        self,
-        network: ProbabilisticTensorDictSequential,
-        params: TensorDictBase | None,
-        inputs: TensorDictBase,
-    ) -> d.Distribution:
-        with self._with_params(network, params):
-            return network.get_dist(inputs)
-
-    def _encode(
-        self, observation: torch.Tensor, params: TensorDictBase
-    ) -> d.Distribution:
+    def _encode(self, observation: torch.Tensor, kind: str) -> d.Distribution:
         # No batch size: an observation may have several feature dims (stacked image
         # frames, [..., C, H, W]); the latent's batch shape is the encoder output's.
         inputs = TensorDict({self.tensor_keys.observation: observation})
-        return self._latent_dist(self.encoder, params, inputs)
+        return self._network("encoder", kind).get_dist(inputs)
 
     def _encoder_dist_params(
-        self, observation: torch.Tensor, params: TensorDictBase
+        self, observation: torch.Tensor, kind: str
     ) -> TensorDictBase:
         """The encoder's distribution parameters for ``[B, T, *obs]`` observations (``[B, T]``).
 
@@ -593,77 +609,84 @@ class ALMLoss(LossModule):
             {self.tensor_keys.observation: observation},
             batch_size=observation.shape[:2],
         )
-        with params.to_module(self.encoder, preserve_module_state=False):
-            return self.encoder.get_dist_params(inputs)
+        return self._network("encoder", kind).get_dist_params(inputs)
 
     def _predict_next_latent(
         self,
+        world_model: TensorDictModuleBase,
         latent: torch.Tensor,
         action: torch.Tensor,
-        params: TensorDictBase | None,
     ) -> d.Distribution:
+        """m(z'|z, a) from ``world_model``, as :meth:`_network` returns it (fetched once
+        for a loop of calls: under ``torch.compile`` each fetch is a swap)."""
         keys = self.tensor_keys
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
         )
-        return self._latent_dist(self.world_model, params, inputs)
+        return world_model.get_dist(inputs)
 
     def _predict_reward(
-        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+        self, latent: torch.Tensor, action: torch.Tensor, kind: str
     ) -> torch.Tensor:
         keys = self.tensor_keys
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
         )
-        with params.to_module(self.reward_model, preserve_module_state=False):
-            return self.reward_model(inputs).get(keys.predicted_reward)
+        return self._network("reward_model", kind)(inputs).get(keys.predicted_reward)
 
     def _classify(
         self,
         latent: torch.Tensor,
         action: torch.Tensor,
         next_latent: torch.Tensor,
-        params: TensorDictBase,
+        kind: str,
     ) -> torch.Tensor:
         keys = self.tensor_keys
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action, keys.next_latent: next_latent},
             batch_size=latent.shape[:-1],
         )
-        with params.to_module(self.classifier, preserve_module_state=False):
-            return self.classifier(inputs).get(keys.classifier_logits)
+        return self._network("classifier", kind)(inputs).get(keys.classifier_logits)
 
     def _qvalues(
-        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+        self, latent: torch.Tensor, action: torch.Tensor, kind: str
     ) -> torch.Tensor:
         """All critics' values, shape ``[num_qvalue_nets, *batch, 1]``."""
         keys = self.tensor_keys
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
         )
-        return self._vmap_qvalue_networkN0(inputs, params).get(keys.state_action_value)
+        if not self.deactivate_vmap:
+            return self._vmap_qvalue_networkN0(
+                inputs, self._params("qvalue_network", kind)
+            ).get(keys.state_action_value)
+        return torch.stack(
+            [
+                self._network("qvalue_network", kind, critic)(inputs).get(
+                    keys.state_action_value
+                )
+                for critic in range(self.num_qvalue_nets)
+            ]
+        )
 
     def _min_qvalue(
-        self, latent: torch.Tensor, action: torch.Tensor, params: TensorDictBase
+        self, latent: torch.Tensor, action: torch.Tensor, kind: str
     ) -> torch.Tensor:
         """Clipped double-Q: the smallest critic value, shape ``[*batch, 1]``."""
-        return self._qvalues(latent, action, params).min(0).values
+        return self._qvalues(latent, action, kind).min(0).values
 
-    def _sample_action(
-        self, latent: torch.Tensor, params: TensorDictBase
-    ) -> torch.Tensor:
-        """:meth:`sample_action` with the given actor parameters."""
-        return self._sample_action_and_std(latent, params)[0]
+    def _sample_action(self, latent: torch.Tensor, kind: str) -> torch.Tensor:
+        """:meth:`sample_action` with the actor's ``kind`` parameters."""
+        actor = self._network("actor_network", kind)
+        return self._sample_action_and_std(actor, latent)[0]
 
     def _actor_mean_and_std(
-        self, latent: torch.Tensor, params: TensorDictBase | None
+        self, actor: TensorDictModuleBase, latent: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The actor's mean action and the std actions are sampled with around it."""
+        """The mean action of ``actor`` (from :meth:`_network`) and the std actions are
+        sampled with around it."""
         keys = self.tensor_keys
-        with self._with_params(self.actor_network, params):
-            output = self.actor_network(
-                TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1])
-            )
+        output = actor(TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1]))
         mean = output.get(keys.action)
         std = output.get(keys.action_std, None)
         if std is None:
@@ -677,10 +700,10 @@ class ALMLoss(LossModule):
         return mean, std
 
     def _sample_action_and_std(
-        self, latent: torch.Tensor, params: TensorDictBase | None
+        self, actor: TensorDictModuleBase, latent: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_sample_action`, also returning the std it sampled with."""
-        mean, std = self._actor_mean_and_std(latent, params)
+        mean, std = self._actor_mean_and_std(actor, latent)
         noise = std * torch.randn_like(mean)
         if self.noise_clip is not None:
             noise = noise.clamp(-self.noise_clip, self.noise_clip)
@@ -691,11 +714,11 @@ class ALMLoss(LossModule):
         return action + (clamped - action).detach(), std
 
     def _actor_step(
-        self, latent: torch.Tensor, params: TensorDictBase | None, sample: bool
+        self, actor: TensorDictModuleBase, latent: torch.Tensor, sample: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if sample:
-            return self._sample_action_and_std(latent, params)
-        return self._actor_mean_and_std(latent, params)
+            return self._sample_action_and_std(actor, latent)
+        return self._actor_mean_and_std(actor, latent)
 
     def _shape_reward(self, reward: torch.Tensor) -> torch.Tensor:
         """The rewards of the model and actor objectives: raw, or ``a (log(r + a) - log a)`` (Appendix A.8)."""
@@ -726,10 +749,11 @@ class ALMLoss(LossModule):
             return
         # Means, not samples: the check must not consume random numbers.
         with torch.no_grad():
-            latent = self._encode(observation[:1], self.encoder_params).mean
+            latent = self._encode(observation[:1], "online").mean
             try:
+                world_model = self._network("world_model", "online")
                 next_latent = self._predict_next_latent(
-                    latent, action[:1], self.world_model_params
+                    world_model, latent, action[:1]
                 ).mean
             except RuntimeError as err:
                 raise ValueError(
@@ -764,7 +788,7 @@ class ALMLoss(LossModule):
             [batch.observation[:, :1], batch.next_observation], dim=1
         )
         with torch.no_grad():
-            return self._encoder_dist_params(observations, self.target_encoder_params)
+            return self._encoder_dist_params(observations, "target")
 
     def _reduce(self, loss: torch.Tensor, batch: _SliceBatch) -> torch.Tensor:
         """Reduces a per-slice loss (``[B]``), honouring masks and priority weights at t = 0."""
@@ -778,25 +802,25 @@ class ALMLoss(LossModule):
     def _model_loss(
         self, batch: _SliceBatch, target_dist_params: TensorDictBase
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        online_dist = self._encode(batch.observation[:, 0], self.encoder_params)
+        online_dist = self._encode(batch.observation[:, 0], "online")
         latent = online_dist.rsample()
         latents, kls = [], []
-        with self._with_params(self.world_model, self.world_model_params):
-            for t in range(batch.horizon):
-                prior = self._predict_next_latent(latent, batch.action[:, t], None)
-                posterior = self.encoder.build_dist_from_params(
-                    target_dist_params[:, t + 1]
-                )
-                kls.append(_kl_divergence(prior, posterior))
-                latents.append(latent)
-                latent = prior.rsample()
+        world_model = self._network("world_model", "online")
+        for t in range(batch.horizon):
+            prior = self._predict_next_latent(world_model, latent, batch.action[:, t])
+            posterior = self.encoder.build_dist_from_params(
+                target_dist_params[:, t + 1]
+            )
+            kls.append(_kl_divergence(prior, posterior))
+            latents.append(latent)
+            latent = prior.rsample()
         kl = torch.stack(kls, dim=1)  # [B, K]
         # Reward model frozen: its gradient flows into the latents only.
         model_reward = self._shape_reward(
             self._predict_reward(
                 torch.stack(latents, dim=1),
                 batch.action,
-                self._cached_detached_reward_model_params,
+                "detached",
             )
         ).squeeze(
             -1
@@ -812,12 +836,8 @@ class ALMLoss(LossModule):
         }
         if self.value_term:
             # a_K ~ pi(sg(z_K)) with no gradient into the actor; the critics are frozen too.
-            last_action = self._sample_action(
-                latent.detach(), self._cached_detached_actor_network_params
-            )
-            model_value = self._min_qvalue(
-                latent, last_action, self._cached_detached_qvalue_network_params
-            ).squeeze(
+            last_action = self._sample_action(latent.detach(), "detached")
+            model_value = self._min_qvalue(latent, last_action, "detached").squeeze(
                 -1
             )  # [B]
             loss = loss - model_value
@@ -832,9 +852,7 @@ class ALMLoss(LossModule):
     def _reward_loss(
         self, batch: _SliceBatch, latent: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        predicted = self._predict_reward(
-            latent, batch.action[:, 0], self.reward_model_params
-        )
+        predicted = self._predict_reward(latent, batch.action[:, 0], "online")
         error = (predicted - batch.reward[:, 0]).squeeze(-1)
         # Eq. 11: MSE to the environment's reward.
         loss = error.pow(2)
@@ -847,7 +865,7 @@ class ALMLoss(LossModule):
         batch_size = latent.shape[0]
         with torch.no_grad():
             fake_next_latent = self._predict_next_latent(
-                latent, action, self._cached_detached_world_model_params
+                self._network("world_model", "detached"), latent, action
             ).sample()
         # Exactly half of the batch gets the model's next latent (label 0, "fake").
         is_real = torch.ones(batch_size, dtype=torch.bool, device=latent.device)
@@ -857,9 +875,7 @@ class ALMLoss(LossModule):
         mixed_next_latent = torch.where(
             is_real.unsqueeze(-1), next_latent, fake_next_latent
         )
-        logits = self._classify(
-            latent, action, mixed_next_latent, self.classifier_params
-        )
+        logits = self._classify(latent, action, mixed_next_latent, "online")
         labels = is_real.long()
         # Eq. 9: cross-entropy of real (encoder) vs fake (model) next latents.
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -871,12 +887,8 @@ class ALMLoss(LossModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         keys = self.tensor_keys
         with torch.no_grad():
-            next_action = self._sample_action(
-                next_latent, self._cached_detached_actor_network_params
-            )
-            next_value = self._min_qvalue(
-                next_latent, next_action, self.target_qvalue_network_params
-            )
+            next_action = self._sample_action(next_latent, "detached")
+            next_value = self._min_qvalue(next_latent, next_action, "target")
             transition = TensorDict(
                 {
                     "next": {
@@ -890,9 +902,7 @@ class ALMLoss(LossModule):
             )
             # y = r + gamma * (1 - terminated) * min_i Q_target_i(z', a')
             target_value = self.value_estimator.value_estimate(transition)  # [B, 1]
-        qvalues = self._qvalues(
-            latent, batch.action[:, 0], self.qvalue_network_params
-        )  # [N, B, 1]
+        qvalues = self._qvalues(latent, batch.action[:, 0], "online")  # [N, B, 1]
         squared_errors = (qvalues - target_value).pow(2).squeeze(-1)  # [N, B]
         # Eq. 10, averaged over the critics: (MSE(Q1, y) + MSE(Q2, y)) / 2 for two.
         loss = squared_errors.mean(0)
@@ -914,14 +924,12 @@ class ALMLoss(LossModule):
         keys = self.tensor_keys
         latents, actions = rollout.get(keys.latent), rollout.get(keys.action)
         current_latents, current_actions = latents[..., :-1, :], actions[..., :-1, :]
-        reward = self._predict_reward(
-            current_latents, current_actions, self._cached_detached_reward_model_params
-        )
+        reward = self._predict_reward(current_latents, current_actions, "detached")
         logits = self._classify(
             current_latents,
             current_actions,
             latents[..., 1:, :].detach(),
-            self._cached_detached_classifier_params,
+            "detached",
         )
         # log C / (1 - C) for the "real" class: the intrinsic KL reward of Eq. 8.
         return reward, logits[..., 1:] - logits[..., :1]
@@ -930,10 +938,8 @@ class ALMLoss(LossModule):
         self, batch: _SliceBatch, latent: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The "TD3 with ALM representations" ablation: -min_i Q_i(z, a), a ~ pi(z) with clipped noise."""
-        action = self._sample_action(latent, self.actor_network_params)
-        qvalue = self._min_qvalue(
-            latent, action, self._cached_detached_qvalue_network_params
-        )
+        action = self._sample_action(latent, "online")
+        qvalue = self._min_qvalue(latent, action, "detached")
         loss = -qvalue.squeeze(-1)
         return self._reduce(loss, batch), {"actor_q": qvalue.detach().mean()}
 
@@ -962,7 +968,7 @@ class ALMLoss(LossModule):
         next_qvalues = self._min_qvalue(
             rollout.get(keys.latent)[:, 1:],
             rollout.get(keys.action)[:, 1:].detach(),
-            self._cached_detached_qvalue_network_params,
+            "detached",
         )  # [B, K, 1]
         # One discount for the critic target and the imagined returns (make_value_estimator).
         gamma = self.value_estimator.gamma
@@ -1022,7 +1028,7 @@ class ALMLoss(LossModule):
         unclamped: DrQ-v2/ALM's ``TruncatedNormal.sample(clip)``, not torchrl's
         :class:`~torchrl.modules.TruncatedNormal`.
         """
-        return self._sample_action(latent, self.actor_network_params)
+        return self._sample_action(latent, "online")
 
     def imagine(
         self,
@@ -1061,26 +1067,21 @@ class ALMLoss(LossModule):
         if horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}.")
         latents, actions, stds = [latent], [], []
-        with self._with_params(
-            self.actor_network, self.actor_network_params
-        ), self._with_params(
-            self.world_model, self._cached_detached_world_model_params
-        ):
-            for t in range(horizon):
-                if t == 0 and first_action is not None:
-                    action, std = first_action, torch.zeros_like(first_action)
-                else:
-                    action, std = self._actor_step(
-                        latent.detach(), None, sample_actions
-                    )
-                prior = self._predict_next_latent(latent, action, None)
-                latent = prior.rsample() if sample_latents else prior.mean
-                actions.append(action)
-                stds.append(std)
-                latents.append(latent)
+        actor = self._network("actor_network", "online")
+        world_model = self._network("world_model", "detached")
+        for t in range(horizon):
+            if t == 0 and first_action is not None:
+                action, std = first_action, torch.zeros_like(first_action)
+            else:
+                action, std = self._actor_step(actor, latent.detach(), sample_actions)
+            prior = self._predict_next_latent(world_model, latent, action)
+            latent = prior.rsample() if sample_latents else prior.mean
+            actions.append(action)
+            stds.append(std)
+            latents.append(latent)
         with torch.no_grad():
             action, std = self._actor_step(
-                latent, self._cached_detached_actor_network_params, sample_actions
+                self._network("actor_network", "detached"), latent, sample_actions
             )
         actions.append(action)
         stds.append(std)
@@ -1134,10 +1135,7 @@ class ALMLoss(LossModule):
         Returns:
             One value per state, shape ``[*B]``.
         """
-        encoder_params = (
-            self.target_encoder_params if target_encoder else self.encoder_params
-        )
-        dist = self._encode(observation, encoder_params)
+        dist = self._encode(observation, "target" if target_encoder else "online")
         latent = dist.rsample() if sample_latents else dist.mean
         rollout = self.imagine(
             latent,
@@ -1155,7 +1153,7 @@ class ALMLoss(LossModule):
         last_value = self._min_qvalue(
             rollout.get(self.tensor_keys.latent)[..., -1, :],
             rollout.get(self.tensor_keys.action)[..., -1, :],
-            self._cached_detached_qvalue_network_params,
+            "detached",
         ).squeeze(-1)
         return (discounts[:-1] * step_rewards).sum(-1) + discounts[-1] * last_value
 

@@ -331,6 +331,35 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(got[key], expected[key])
 
 
+def _same_outputs(first: ALMLoss, second: ALMLoss, batch: TensorDict) -> None:
+    torch.manual_seed(17)
+    expected = first(batch)
+    torch.manual_seed(17)
+    got = second(batch)
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key])
+
+
+@pytest.mark.parametrize("deactivate_vmap", [False, True], ids=["vmap", "loop"])
+def test_networks_called_before_follow_in_place_steps_and_loaded_states(deactivate_vmap):
+    """After its first call the loss keeps each parameter set in its own copy of the network (no swap per call):
+    those copies must see the optimizer's in-place steps and a loaded state."""
+    called, fresh = tiny_loss(seed=0, deactivate_vmap=deactivate_vmap), tiny_loss(seed=1)
+    for loss in (called, fresh):
+        _with_updater(loss)
+        loss.make_value_estimator()
+    batch = slice_batch()
+    called(batch)
+    called.load_state_dict(fresh.state_dict())
+    _same_outputs(fresh, called, batch)
+    with torch.no_grad():  # an optimizer step: in place, on the trained parameters and the targets
+        for loss in (called, fresh):
+            for name, param in loss.state_dict(keep_vars=True).items():
+                if "_params." in name:
+                    param.add_(0.01 * len(name))
+    _same_outputs(fresh, called, batch)
+
+
 @pytest.mark.parametrize("horizon", [1, 3, 5])
 @pytest.mark.parametrize("num_qvalue_nets", [1, 2, 3])
 def test_horizons_and_critic_counts(horizon, num_qvalue_nets):
