@@ -435,6 +435,15 @@ class ALMLoss(LossModule):
         )
         self._make_vmap()
 
+    def __getstate__(self) -> dict:
+        # The cached detached parameters and network copies share the parameters' storage; a
+        # deep copy or a pickle would give them storage of their own, which the copy's
+        # optimizer never updates. Leave them out: they are rebuilt on first use.
+        state = super().__getstate__()
+        return {
+            key: value for key, value in state.items() if not key.startswith("_cache")
+        }
+
     def _action_bounds(
         self, action_spec: TensorSpec | None, actor_network: TensorDictModule
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,8 +561,11 @@ class ALMLoss(LossModule):
 
     # ------------------------------------------------------------------ network calls
     def _params(self, network: str, kind: str) -> TensorDictBase:
-        """The parameters of ``network``: its trained ones (``"online"``), the same tensors
-        detached (``"detached"``: the network is frozen) or its target ones (``"target"``)."""
+        """The ``kind`` parameters of ``network``.
+
+        Its trained ones (``"online"``), the same tensors detached (``"detached"``: the network
+        is frozen) or its target ones (``"target"``).
+        """
         if kind == "online":
             return getattr(self, f"{network}_params")
         if kind == "detached":
@@ -563,8 +575,9 @@ class ALMLoss(LossModule):
     def _network(
         self, network: str, kind: str, critic: int | None = None
     ) -> TensorDictModuleBase:
-        """``network`` holding its ``kind`` parameters (those of critic ``critic`` of the
-        critics), to be called right away.
+        """``network`` holding its ``kind`` parameters, to be called right away.
+
+        ``critic`` picks one critic of the critics' stacked parameters.
 
         TorchRL's losses swap the parameters into a shared module around each call
         (``with params.to_module(module)``). At small sizes a swap and its undoing cost more
@@ -617,8 +630,10 @@ class ALMLoss(LossModule):
         latent: torch.Tensor,
         action: torch.Tensor,
     ) -> d.Distribution:
-        """m(z'|z, a) from ``world_model``, as :meth:`_network` returns it (fetched once
-        for a loop of calls: under ``torch.compile`` each fetch is a swap)."""
+        """m(z'|z, a) from ``world_model``, as :meth:`_network` returns it.
+
+        Fetch it once for a loop of calls: under ``torch.compile`` each fetch is a swap.
+        """
         keys = self.tensor_keys
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
@@ -683,8 +698,7 @@ class ALMLoss(LossModule):
     def _actor_mean_and_std(
         self, actor: TensorDictModuleBase, latent: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean action of ``actor`` (from :meth:`_network`) and the std actions are
-        sampled with around it."""
+        """The mean action of ``actor`` (from :meth:`_network`) and the std of its samples."""
         keys = self.tensor_keys
         output = actor(TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1]))
         mean = output.get(keys.action)

@@ -1,6 +1,8 @@
 """ALMLoss against TorchRL's LossModule contract (in the style of torchrl's test/objectives)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -341,9 +343,9 @@ def _same_outputs(first: ALMLoss, second: ALMLoss, batch: TensorDict) -> None:
 
 
 @pytest.mark.parametrize("deactivate_vmap", [False, True], ids=["vmap", "loop"])
-def test_networks_called_before_follow_in_place_steps_and_loaded_states(deactivate_vmap):
+def test_networks_called_before_follow_in_place_steps_loaded_states_and_copies(deactivate_vmap):
     """After its first call the loss keeps each parameter set in its own copy of the network (no swap per call):
-    those copies must see the optimizer's in-place steps and a loaded state."""
+    those copies must see the optimizer's in-place steps, a loaded state, and a deep copy's own parameters."""
     called, fresh = tiny_loss(seed=0, deactivate_vmap=deactivate_vmap), tiny_loss(seed=1)
     for loss in (called, fresh):
         _with_updater(loss)
@@ -358,6 +360,13 @@ def test_networks_called_before_follow_in_place_steps_and_loaded_states(deactiva
                 if "_params." in name:
                     param.add_(0.01 * len(name))
     _same_outputs(fresh, called, batch)
+    copied = copy.deepcopy(called)
+    with torch.no_grad():
+        for loss in (copied, fresh):
+            for param in loss.state_dict(keep_vars=True).values():
+                if param.is_floating_point():
+                    param.mul_(0.9)
+    _same_outputs(fresh, copied, batch)
 
 
 @pytest.mark.parametrize("horizon", [1, 3, 5])
