@@ -310,6 +310,15 @@ def test_vmap_equals_loop():
         torch.testing.assert_close(outputs[0][key], outputs[1][key])
 
 
+def _same_outputs(first: ALMLoss, second: ALMLoss, batch: TensorDict) -> None:
+    torch.manual_seed(17)
+    expected = first(batch)
+    torch.manual_seed(17)
+    got = second(batch)
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key])
+
+
 def test_state_dict_round_trip():
     source = tiny_loss(seed=0)
     _with_updater(source)
@@ -320,26 +329,11 @@ def test_state_dict_round_trip():
     state = source.state_dict()
     assert any(key.startswith("target_encoder_params") for key in state)
     assert any(key.startswith("target_qvalue_network_params") for key in state)
-    copy = tiny_loss(seed=123)
-    _with_updater(copy)
-    copy.load_state_dict(state)
-    assert copy.actor_std == pytest.approx(0.4)
-    batch = slice_batch()
-    torch.manual_seed(17)
-    expected = source(batch)
-    torch.manual_seed(17)
-    got = copy(batch)
-    for key in expected.keys():
-        torch.testing.assert_close(got[key], expected[key])
-
-
-def _same_outputs(first: ALMLoss, second: ALMLoss, batch: TensorDict) -> None:
-    torch.manual_seed(17)
-    expected = first(batch)
-    torch.manual_seed(17)
-    got = second(batch)
-    for key in expected.keys():
-        torch.testing.assert_close(got[key], expected[key])
+    loaded = tiny_loss(seed=123)
+    _with_updater(loaded)
+    loaded.load_state_dict(state)
+    assert loaded.actor_std == pytest.approx(0.4)
+    _same_outputs(source, loaded, slice_batch())
 
 
 @pytest.mark.parametrize("deactivate_vmap", [False, True], ids=["vmap", "loop"])
