@@ -18,7 +18,12 @@ Each run is one recipe process (one torch thread: ``OMP_NUM_THREADS=1``), ``--jo
 ``<out-runs>/<date_time>/<task>/<variant>/seed<k>/`` (a Hydra run dir: ``.hydra/``, ``alm_logging/``,
 ``stdout.log``). Runs are started longest first (HalfCheetah's paper-size updates cost about 20 times the small
 ones) so that the two workers finish close together. A failed run is reported and left out of the results; the exit
-code is then 1. Ctrl-C stops the runs this script started.
+code is then 1.
+
+The benchmark can be spread over several sittings. Ctrl-C (or SIGTERM) stops the runs this script started the way
+the recipe stops on preemption: each finishes its batch of updates and writes a checkpoint (runs also checkpoint
+every 5,000 frames). ``--sweep-dir <the printed folder>`` with the same options continues that sweep: stopped runs
+resume from their checkpoints, finished ones are kept, and the results cover every run once all have finished.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+
+from alm_torchrl.preemption import RESUMABLE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "alm" / "alm.py"
@@ -100,7 +108,7 @@ FIXED = {
     "collector.device": "cpu",
     "compile.num_threads": 1,  # one torch thread per run (the recipe's torch.set_num_threads; OMP_NUM_THREADS=1 too)
     "logger.backend": "csv",
-    "checkpoint.interval": 10**9,
+    "checkpoint.interval": 5000,  # what a hard kill can lose; Ctrl-C and SIGTERM checkpoint first (--sweep-dir)
 }
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 LOG_ENV = {"TQDM_MININTERVAL": "30"}  # a progress line every 30 s in each run's stdout.log, not every 0.1 s
@@ -113,9 +121,14 @@ class Job:
     seed: int
     run_dir: Path
     command: list[str]
-    wall_s: float | None = None
+    wall_s: float | None = None  # over every sitting of a resumed sweep
     returncode: int | None = None
     last_line: str = ""
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal after writing its checkpoint: ``--sweep-dir`` resumes it."""
+        return self.returncode == RESUMABLE_EXIT_CODE
 
 
 def overrides_for(task: str, variant: str, seed: int, frames: int, smoke: bool) -> list[str]:
@@ -185,6 +198,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None,
                         help="folder for results.md/.csv, <task>.png, run_info.json "
                              "(default: docs/results/learning_20k; smoke: /tmp/alm_learning_smoke/results)")
+    parser.add_argument("--sweep-dir", type=Path, default=None,
+                        help="continue the sweep in this folder (printed at the start and when stopped): stopped runs "
+                             "resume from their checkpoints, finished ones are kept (default: a new "
+                             "<out-runs>/<date_time>/)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each (default: 2)")
     parser.add_argument("--frames", type=int, default=None, help="env frames per run (default: 20000; smoke: 600)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (smoke: 0)")
@@ -240,8 +257,14 @@ def quote(command: list[str], env: dict[str, str]) -> str:
 
 def run_job(job: Job, env: dict[str, str], lock: threading.Lock, procs: set, stopping: threading.Event) -> Job:
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    sittings_file = job.run_dir / "benchmark_sittings.json"  # one entry per process, so a resumed run's time adds up
+    sittings = json.loads(sittings_file.read_text()) if sittings_file.exists() else []
+    if sittings and sittings[-1]["returncode"] == 0:  # finished in an earlier sitting of this sweep
+        job.returncode, job.wall_s = 0, round(sum(sitting["wall_s"] for sitting in sittings), 1)
+        job.last_line = sittings[-1].get("last_line", "")
+        return job
     start = time.monotonic()
-    with (job.run_dir / "stdout.log").open("w") as log:
+    with (job.run_dir / "stdout.log").open("a") as log:  # a resumed run appends its sitting
         with lock:
             if stopping.is_set():
                 return job
@@ -252,16 +275,32 @@ def run_job(job: Job, env: dict[str, str], lock: threading.Lock, procs: set, sto
         finally:
             with lock:
                 procs.discard(proc)
-    job.wall_s = round(time.monotonic() - start, 1)
     lines = (job.run_dir / "stdout.log").read_text(errors="replace").replace("\r", "\n").splitlines()
     job.last_line = next((line for line in reversed(lines) if line.strip()), "")
+    sittings.append({"ended": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                     "wall_s": round(time.monotonic() - start, 1), "returncode": job.returncode,
+                     "last_line": job.last_line})
+    sittings_file.write_text(json.dumps(sittings, indent=1) + "\n")
+    job.wall_s = round(sum(sitting["wall_s"] for sitting in sittings), 1)
     return job
+
+
+def record_sitting(sweep_dir: Path, started: str, wall_s: float, stopped: bool) -> list[dict]:
+    """Add this invocation to ``<sweep_dir>/benchmark_sittings.json``; return every sitting of the sweep so far."""
+    sittings_file = sweep_dir / "benchmark_sittings.json"
+    sittings = json.loads(sittings_file.read_text()) if sittings_file.exists() else []
+    sittings.append({"started": started, "wall_s": round(wall_s, 1), "stopped": stopped})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sittings_file.write_text(json.dumps(sittings, indent=1) + "\n")
+    return sittings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_dir = (args.out_runs / stamp).resolve()
+    if args.sweep_dir is not None:
+        sweep_dir = args.sweep_dir.resolve()
+    else:
+        sweep_dir = (args.out_runs / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     env = {**os.environ, **THREAD_ENV, **LOG_ENV}
     jobs = []
     for task in args.tasks:
@@ -304,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     done = 0
     pool = ThreadPoolExecutor(max_workers=args.jobs)
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the sweep as Ctrl-C
     try:
         futures = [pool.submit(run_job, job, env, lock, procs, stopping) for job in jobs]
         for future in as_completed(futures):
@@ -316,19 +356,27 @@ def main(argv: list[str] | None = None) -> int:
         stopping.set()  # no further run starts
         pool.shutdown(wait=False, cancel_futures=True)
         with lock:
-            for proc in procs:  # only the recipe processes this script started
-                proc.terminate()
-        print(f"interrupted; the runs so far are in {sweep_dir}", file=sys.stderr)
+            running = list(procs)
+        for proc in running:  # only the recipe processes this script started: each checkpoints, then exits
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.wait()
+        record_sitting(sweep_dir, info["started"], time.monotonic() - start, stopped=True)
+        print(f"stopped; {len(running)} run(s) checkpointed. Continue with the same options and --sweep-dir "
+              f"{sweep_dir}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     pool.shutdown()
-    total_wall = time.monotonic() - start
+    sittings = record_sitting(sweep_dir, info["started"], time.monotonic() - start, stopped=False)
 
     finished = [job for job in jobs if job.returncode == 0]
     failed = [job for job in jobs if job.returncode != 0]
     info.update({
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "total_wall_s": round(total_wall, 1),
-        "total_wall_min": round(total_wall / 60, 1),
+        "total_wall_s": round(sum(sitting["wall_s"] for sitting in sittings), 1),
+        "total_wall_min": round(sum(sitting["wall_s"] for sitting in sittings) / 60, 1),
+        "sittings": sittings,  # this invocation and earlier ones of the same --sweep-dir
         "load_average_at_end": os.getloadavg(),
         "runs": [{"task": job.task, "variant": job.variant, "seed": job.seed, "run_dir": str(job.run_dir), "wall_s": job.wall_s,
                   "returncode": job.returncode, "last_line": job.last_line} for job in jobs],
