@@ -299,13 +299,16 @@ def load_reference(path: Path) -> ReferenceCurves:
     return ReferenceCurves(frames, table)
 
 
-def summarise_reference(task: str, reference: ReferenceCurves, frames: Sequence[int]) -> list[Row]:
-    """Published mean and std over seeds at each frame count (the last evaluation at or before it)."""
+def summarise_reference(
+    task: str, reference: ReferenceCurves, frames: Sequence[int], label: str = REFERENCE_LABEL
+) -> list[Row]:
+    """Published mean and std over seeds at each frame count (the last evaluation at or before it), as rows of the
+    variant ``label``."""
     rows = []
     for frame_count in frames:
         index = np.searchsorted(reference.frames, frame_count, side="right") - 1
         spans = index >= 0 and frame_count <= reference.frames[-1]
-        rows.append(_row(task, REFERENCE_LABEL, frame_count, list(reference.returns[index]) if spans else []))
+        rows.append(_row(task, label, frame_count, list(reference.returns[index]) if spans else []))
     return rows
 
 
@@ -321,10 +324,11 @@ def plot_task(
     path: Path,
     reference: ReferenceCurves | None = None,
     full_reference: bool = False,
+    reference_label: str = REFERENCE_LABEL,
 ) -> Path:
     """Draw the metric of one task against env frames: per variant the mean over seeds with a shaded
-    +-std band, and the published ALM curve when given (over our frame range plus 10%, or all of it with
-    ``full_reference``). Writes a PNG to ``path`` and returns it."""
+    +-std band, and a published curve when given (the released ALM one unless ``reference_label`` names another;
+    over our frame range plus 10%, or all of it with ``full_reference``). Writes a PNG to ``path`` and returns it."""
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -343,7 +347,7 @@ def plot_task(
             frames, returns = reference.frames[shown], reference.returns[shown]
             mean, std = returns.mean(axis=1), returns.std(axis=1)
             axes.plot(frames, mean, color="black", linestyle="--",
-                      label=f"{REFERENCE_LABEL} ({_seeds(returns.shape[1])})")
+                      label=f"{reference_label} ({_seeds(returns.shape[1])})")
             axes.fill_between(frames, mean - std, mean + std, color="black", alpha=0.1, linewidth=0)
     axes.set_xlabel("env frames")
     axes.set_ylabel(metric)

@@ -56,3 +56,55 @@ def test_sweep_dir_is_where_the_runs_go(learning, capsys, tmp_path):
     (command,) = [line for line in capsys.readouterr().out.splitlines() if "recipes/alm/alm.py" in line]
     assert f"hydra.run.dir={tmp_path.resolve()}/Pendulum-v1/default/seed0" in command
     assert "checkpoint.interval=5000" in command  # a hard kill loses at most 5,000 frames of a run
+
+
+# --------------------------------------------------------------------------------------- benchmarks/pixel_reference.py
+MRQ_FILE = """--------------------
+Env: Dmc-visual-cartpole-swingup
+Timestep\tSeed 0\t\tSeed 1
+0\t\t1.0\t\t2.0
+5000\t\t3.0\t\t4.0
+--------------------
+Env: Dmc-visual-cartpole-balance
+Timestep\tSeed 0\t\tSeed 1
+0\t\t100.0\t\t300.0
+5000\t\t200.0\t\t400.0
+10000\t\t900.0\t\t1000.0
+"""
+
+
+@pytest.fixture(scope="module")
+def pixel_reference():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pixel_reference
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return pixel_reference
+
+
+def test_mrq_rows_are_read_per_task_in_env_steps(pixel_reference, tmp_path):
+    path = tmp_path / "dmc-visual_results.txt"
+    path.write_text(MRQ_FILE)
+    balance = pixel_reference.load_mrq(path, "dmc/cartpole-balance")
+    assert balance.frames.tolist() == [0, 10000, 20000]  # a Timestep is an agent step at action repeat 2
+    assert balance.returns.tolist() == [[100.0, 300.0], [200.0, 400.0], [900.0, 1000.0]]
+    with pytest.raises(pixel_reference.ResultsError, match="no block 'Env: Dmc-visual-finger-spin'"):
+        pixel_reference.load_mrq(path, "dmc/finger-spin")
+    with pytest.raises(pixel_reference.ResultsError, match="DMC tasks only, not 'HalfCheetah-v5'"):
+        pixel_reference.load_mrq(path, "HalfCheetah-v5")
+
+
+def test_pixel_runs_are_tabled_and_drawn_next_to_mrq(pixel_reference, tmp_path, capsys):
+    from test_results import write_run
+
+    write_run(tmp_path / "runs" / "seed0", "dmc/cartpole-balance", 0, ["env.from_pixels=true"],
+              {10000: 150.0, 20000: 500.0})
+    (tmp_path / "mrq.txt").write_text(MRQ_FILE)
+    out = tmp_path / "out"
+    assert pixel_reference.main([str(tmp_path / "runs"), "--mrq-results", str(tmp_path / "mrq.txt"), "--out", str(out),
+                                 "--frames", "10000", "20000"]) == 0
+    table = capsys.readouterr().out
+    assert "| dmc/cartpole-balance | env.from_pixels=true | 150 ± 0 (n=1) | 500 ± 0 (n=1) |" in table
+    assert "| dmc/cartpole-balance | MR.Q from pixels (published) | 300 ± 100 (n=2) | 950 ± 50 (n=2) |" in table
+    assert sorted(path.name for path in out.iterdir()) == ["dmc_cartpole-balance.png", "results.csv", "results.md"]
