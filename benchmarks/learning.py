@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         for future in as_completed(futures):
             job = future.result()
             done += 1
-            status = "ok" if job.returncode == 0 else f"FAILED (exit {job.returncode}, see {job.run_dir}/stdout.log)"
+            status = ("ok" if job.returncode == 0 else "stopped by a signal, checkpointed" if job.stopped
+                      else f"FAILED (exit {job.returncode}, see {job.run_dir}/stdout.log)")
             print(f"[{done}/{len(jobs)} at {(time.monotonic() - start) / 60:.1f} min] {job.task} {job.variant} seed {job.seed}: "
                   f"{status} in {job.wall_s:.0f} s | {job.last_line[-100:]}", flush=True)
     except KeyboardInterrupt:
@@ -368,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     pool.shutdown()
-    sittings = record_sitting(sweep_dir, info["started"], time.monotonic() - start, stopped=False)
+    sitting_wall = time.monotonic() - start
+    sittings = record_sitting(sweep_dir, info["started"], sitting_wall, stopped=False)
 
     finished = [job for job in jobs if job.returncode == 0]
-    failed = [job for job in jobs if job.returncode != 0]
+    stopped = [job for job in jobs if job.stopped]  # by a signal sent to the runs themselves, not to this script
+    failed = [job for job in jobs if job.returncode != 0 and not job.stopped]
     info.update({
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "total_wall_s": round(sum(sitting["wall_s"] for sitting in sittings), 1),
@@ -381,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [{"task": job.task, "variant": job.variant, "seed": job.seed, "run_dir": str(job.run_dir), "wall_s": job.wall_s,
                   "returncode": job.returncode, "last_line": job.last_line} for job in jobs],
     })
-    print(f"all runs done in {total_wall / 60:.1f} min ({len(finished)} ok, {len(failed)} failed)", flush=True)
+    print(f"all runs done in {sitting_wall / 60:.1f} min ({len(finished)} ok, {len(stopped)} stopped, "
+          f"{len(failed)} failed)", flush=True)
+    if stopped:
+        print(f"no results until the stopped runs finish: continue with the same options and --sweep-dir {sweep_dir}",
+              file=sys.stderr)
+        return 130
     if not finished:
         print("no run finished; no results written", file=sys.stderr)
         return 1

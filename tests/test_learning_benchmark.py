@@ -108,3 +108,53 @@ def test_pixel_runs_are_tabled_and_drawn_next_to_mrq(pixel_reference, tmp_path, 
     assert "| dmc/cartpole-balance | env.from_pixels=true | 150 ± 0 (n=1) | 500 ± 0 (n=1) |" in table
     assert "| dmc/cartpole-balance | MR.Q from pixels (published) | 300 ± 100 (n=2) | 950 ± 50 (n=2) |" in table
     assert sorted(path.name for path in out.iterdir()) == ["dmc_cartpole-balance.png", "results.csv", "results.md"]
+
+
+FAKE_RECIPE = '''
+import sys, pathlib, yaml
+overrides = sys.argv[1:]
+values = dict(arg.split("=", 1) for arg in overrides)
+run_dir = pathlib.Path(values["hydra.run.dir"])
+(run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+config = {"env": {"name": values["env.name"], "seed": int(values["env.seed"])}, "checkpoint": {"resume": None}}
+(run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+(run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides[:-1]))
+scalars = run_dir / "alm_logging" / "ALM_x_ALM_0a1b2c3d_26_11_22-08_00_00" / "scalars" / "eval"
+scalars.mkdir(parents=True, exist_ok=True)
+stop_once = run_dir.parent / f"stop_seed{values['env.seed']}_once"
+if stop_once.exists():  # preempted in its first sitting: half the run logged, then the resumable exit
+    stop_once.unlink()
+    (scalars / "return_mean.csv").write_text("5000,-1000.0\\n")
+    print("alm.py: stopped by SIGTERM at frame 5000")
+    sys.exit(75)
+seed = int(values["env.seed"])
+(scalars / "return_mean.csv").write_text(f"5000,-1000.0\\n10000,{-200.0 - 100 * seed}\\n")
+print("Done: 10000 frames")
+'''
+
+
+def test_a_stopped_run_holds_the_results_back_until_the_sweep_is_continued(learning, tmp_path, monkeypatch, capsys):
+    fake_recipe = tmp_path / "fake_alm.py"
+    fake_recipe.write_text(FAKE_RECIPE)
+    monkeypatch.setattr(learning, "RECIPE", fake_recipe)
+    monkeypatch.setattr(learning, "machine_info", dict)  # it imports torch and four more in a subprocess: seconds
+    sweep_dir, results = tmp_path / "sweep", tmp_path / "results"
+    options = ["--tasks", "Pendulum-v1", "--seeds", "0", "1", "--frames", "10000", "--results", str(results),
+               "--sweep-dir", str(sweep_dir), "--reference-dir", str(tmp_path)]
+    (sweep_dir / "Pendulum-v1" / "default").mkdir(parents=True)
+    (sweep_dir / "Pendulum-v1" / "default" / "stop_seed1_once").touch()
+
+    assert learning.main(options) == 130  # seed 1 stopped: no results yet
+    out, err = capsys.readouterr()
+    assert "seed 1: stopped by a signal, checkpointed" in out and "seed 0: ok" in out
+    assert f"--sweep-dir {sweep_dir.resolve()}" in err and not results.exists()
+
+    assert learning.main(options) == 0  # the second sitting runs seed 1 only
+    assert "(2 ok, 0 stopped, 0 failed)" in capsys.readouterr().out
+    assert "| -1000 ± 0 (n=2) | -250 ± 50 (n=2) |" in (results / "results.md").read_text()  # both seeds, 7.5k, 10k
+    seed0_sittings = json.loads((sweep_dir / "Pendulum-v1" / "default" / "seed0" / "benchmark_sittings.json").read_text())
+    assert [sitting["returncode"] for sitting in seed0_sittings] == [0]  # not started again
+    info = json.loads((results / "run_info.json").read_text())
+    assert [sitting["stopped"] for sitting in info["sittings"]] == [False, False]
+    assert info["total_wall_s"] == pytest.approx(sum(sitting["wall_s"] for sitting in info["sittings"]), abs=0.11)
+    assert {run["seed"]: run["returncode"] for run in info["runs"]} == {0: 0, 1: 0}
