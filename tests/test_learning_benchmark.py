@@ -1,5 +1,6 @@
-"""benchmarks/learning.py: a sweep spread over several sittings (``--sweep-dir``) adds up its runs' time and does not
-start a finished run again."""
+"""Learning benchmarks: ``benchmarks/learning.py`` spread over several sittings (``--sweep-dir``: a run's time adds up,
+a finished run is not started again, a stopped one holds the results back), and ``benchmarks/pixel_reference.py``
+(MR.Q's published pixel curves read in env steps, tabled and drawn next to ours)."""
 
 from __future__ import annotations
 
