@@ -407,6 +407,29 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             writer.writerow([row.task, row.variant, row.frames, row.n, *stats])
 
 
+def write_results(
+    out: Path,
+    rows: list[Row],
+    curves: dict[tuple[str, str], dict[int, Curve]],
+    metric: str,
+    references: dict[str, ReferenceCurves],
+    full_reference: bool = False,
+    reference_label: str = REFERENCE_LABEL,
+) -> str:
+    """Write ``results.md``, ``results.csv`` and one ``<task>.png`` per task of ``curves`` into ``out`` (the reference
+    rows, labelled ``reference_label``, after each task's variants); return the markdown table."""
+    rows = sorted(rows, key=lambda row: (row.task, row.variant == reference_label, row.variant))
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_markdown(rows, metric)
+    (out / "results.md").write_text(table)
+    write_csv(rows, out / "results.csv")
+    for task in sorted({task for task, _ in curves}):
+        by_variant = {variant: seeds for (curve_task, variant), seeds in curves.items() if curve_task == task}
+        plot_task(task, by_variant, metric, figure_path(out, task), references.get(task), full_reference,
+                  reference_label)
+    return table
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(
@@ -444,16 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if path is not None:
             references[task] = load_reference(path)
             rows.extend(summarise_reference(task, references[task], args.frames))
-    rows.sort(key=lambda row: (row.task, row.variant == REFERENCE_LABEL, row.variant))
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = format_markdown(rows, args.metric)
-    (args.out / "results.md").write_text(table)
-    write_csv(rows, args.out / "results.csv")
-    for task in tasks:
-        by_variant = {variant: seeds for (curve_task, variant), seeds in curves.items() if curve_task == task}
-        plot_task(task, by_variant, args.metric, figure_path(args.out, task), references.get(task),
-                  args.full_reference)
-    print(table, end="")
+    print(write_results(args.out, rows, curves, args.metric, references, args.full_reference), end="")
     return 0
 
 

@@ -22,14 +22,11 @@ import numpy as np
 from alm_torchrl.results import (
     ReferenceCurves,
     ResultsError,
-    figure_path,
     find_runs,
-    format_markdown,
     group_curves,
-    plot_task,
     summarise_curves,
     summarise_reference,
-    write_csv,
+    write_results,
 )
 
 METRIC = "eval/return_mean"
@@ -78,16 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise_curves(curves, args.frames)
     for task in tasks:
         rows.extend(summarise_reference(task, references[task], args.frames, label=MRQ_LABEL))
-    rows.sort(key=lambda row: (row.task, row.variant == MRQ_LABEL, row.variant))
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = format_markdown(rows, METRIC)
-    (args.out / "results.md").write_text(table)
-    write_csv(rows, args.out / "results.csv")
-    for task in tasks:
-        by_variant = {variant: seeds for (curve_task, variant), seeds in curves.items() if curve_task == task}
-        plot_task(task, by_variant, METRIC, figure_path(args.out, task), references[task],
-                  reference_label=MRQ_LABEL)
-    print(table, end="")
+    print(write_results(args.out, rows, curves, METRIC, references, reference_label=MRQ_LABEL), end="")
     return 0
 
 

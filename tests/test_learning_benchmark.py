@@ -4,6 +4,7 @@ a finished run is not started again, a stopped one holds the results back), and 
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
@@ -14,14 +15,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def learning():
+def _benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (a script folder, not a package)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import learning
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return learning
+
+
+@pytest.fixture(scope="module")
+def learning():
+    return _benchmark("learning")
 
 
 def _job(learning, run_dir: Path, exit_code: int):
@@ -76,12 +81,7 @@ Timestep\tSeed 0\t\tSeed 1
 
 @pytest.fixture(scope="module")
 def pixel_reference():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pixel_reference
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return pixel_reference
+    return _benchmark("pixel_reference")
 
 
 def test_mrq_rows_are_read_per_task_in_env_steps(pixel_reference, tmp_path):
