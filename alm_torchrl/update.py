@@ -130,7 +130,11 @@ def _compiled_or_eager(
     If compiling fails, ``step`` runs eagerly from then on, after one warning line naming the cause: a missing
     toolchain must not end a training run. ``on_failure`` undoes what a partly run compiled step left (its gradients).
     """
-    compiled = compile_with_warmup(step, mode=compile_mode, warmup=1)
+    # Dynamo traces ``backward()`` into the graph instead of breaking it there: one graph and one set of guards fewer
+    # per update. A dynamo option read while tracing, so it is set around every call rather than for the process.
+    compiled = torch._dynamo.config.patch(trace_autograd_ops=True)(
+        compile_with_warmup(step, mode=compile_mode, warmup=1)
+    )
     use_compiled = True
 
     def compiled_or_eager(batch: TensorDictBase) -> TensorDictBase:
@@ -174,9 +178,11 @@ def make_update(
     checked before every step (``check_every`` must then be 1). A CUDA graph cannot branch on a value, so
     ``cudagraphs`` needs the fused optimizer.
 
-    ``compile`` wraps the loss and backward in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager
-    warm-up call); ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be
-    built with ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
+    ``compile`` wraps the step in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager warm-up call), with
+    ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``; a gradient hook registered on a parameter
+    after the first compiled call is then not run). ``cudagraphs`` records the whole step as a CUDA graph
+    (``CudaGraphModule``; the optimizer must be built with ``capturable=True``). Both follow TorchRL's
+    ``sota-implementations``.
     """
     if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be a number > 0 (paper: 100), got {max_grad_norm!r}")

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
@@ -132,30 +133,39 @@ def import_original_agent(reference_dir: Path):
     return AlmAgent
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    configure_cpu_runtime(args.threads, keep_freed_memory=args.tune_malloc)
-    AlmAgent = import_original_agent(args.reference_dir)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    env = gym.make(args.env)
-    agent = AlmAgent(
-        torch.device("cpu"),
-        float(env.action_space.low[0]),
-        float(env.action_space.high[0]),
-        env.observation_space.shape[0],
-        env.action_space.shape[0],
-        **agent_config(AlmAgent, tiny=args.tiny),
-    )
-    # The original warm-up: uniformly random actions; time-limit truncations are not stored as terminal.
-    state, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
-    for _ in range(args.explore_steps):
+def build_original_agent(reference_dir: Path, env_name: str, *, tiny: bool, explore_steps: int, seed: int):
+    """The original ``AlmAgent`` with the paper's settings (or the tiny sizes), its replay memory filled by the
+    original warm-up: ``explore_steps`` uniformly random actions; time-limit truncations are not stored as terminal."""
+    AlmAgent = import_original_agent(reference_dir)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    env = gym.make(env_name)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its buffer size; stdout is for the one JSON line
+        agent = AlmAgent(
+            torch.device("cpu"),
+            float(env.action_space.low[0]),
+            float(env.action_space.high[0]),
+            env.observation_space.shape[0],
+            env.action_space.shape[0],
+            **agent_config(AlmAgent, tiny=tiny),
+        )
+    state, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    for _ in range(explore_steps):
         action = env.action_space.sample()
         next_state, reward, terminated, truncated, _ = env.step(action)
         agent.env_buffer.push((state, action, reward, next_state, terminated))
         state = env.reset()[0] if terminated or truncated else next_state
+    env.close()
+    return agent
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    configure_cpu_runtime(args.threads, keep_freed_memory=args.tune_malloc)
+    agent = build_original_agent(
+        args.reference_dir, args.env, tiny=args.tiny, explore_steps=args.explore_steps, seed=args.seed
+    )
 
     durations = []
     for step in range(1, args.warmup_updates + args.updates + 1):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from update_speed import fill_buffer, torchrl_logs_to_stderr  # noqa: E402  (benchmarks/ is not a package)
 
 from alm_torchrl.envs import make_env  # noqa: E402
-from alm_torchrl.replay import TRAJ_KEY, sample_slices  # noqa: E402
+from alm_torchrl.replay import TRAJ_KEY  # noqa: E402
 from recipes.alm.utils import (  # noqa: E402  (update_speed puts the repository root on sys.path)
     checkpoint_metadata,
     configure_runtime,
@@ -34,6 +34,7 @@ from recipes.alm.utils import (  # noqa: E402  (update_speed puts the repository
     make_checkpoints,
     make_learner,
     make_replay_buffer,
+    sample_batches,
 )
 
 ENV_NAME, EPISODE, UPDATES = "Humanoid-v5", 1000, 3
@@ -87,8 +88,8 @@ def main(mode: str, directory: str) -> None:
     else:
         checkpoints.load(directory, device=device)
     seconds = time.perf_counter() - start
-    for _ in range(UPDATES):
-        learner.update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+    for batch in sample_batches(cfg, replay_buffer)[:UPDATES]:
+        learner.update(batch)
     save_seconds = None
     if mode == "save":
         start = time.perf_counter()

@@ -5,7 +5,9 @@ each with the same HalfCheetah-shaped transitions (what the recipe stores: obser
 floats, action of 6, reward, done, terminated, truncated, the trajectory id) in ``--episode-steps``-step episodes,
 past the capacity so the storage has wrapped and an episode is in progress, then runs the recipe's pattern: write
 ``--frames-per-write`` frames (10), sample ``--samples-per-write`` batches (10, UTD 1) of ``--batch-size`` x
-``--horizon`` slices. Both buffers get the same writes, and after each write both modes sample, in alternating order,
+``--horizon`` slices, drawn at once as the recipe draws them (``sample_batches``), each batch timed as its share of
+the draw (before 2026-11-30 each batch was a draw of its own: the rows of ``results/replay_sampling.jsonl`` without
+``batches_per_draw``). Both buffers get the same writes, and after each write both modes sample, in alternating order,
 so a busy neighbour on a shared CPU slows both alike. Prints one JSON line per buffer size:
 ``<mode>_ms_per_sample_median`` (and mean, p10, p90) over all timed samples, and the load average before and after.
 
@@ -29,8 +31,8 @@ import torch
 from tensordict import TensorDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for recipes.alm.utils
-from alm_torchrl.replay import SAMPLING_MODES, TRAJ_KEY, sample_slices  # noqa: E402
-from recipes.alm.utils import load_config, make_replay_buffer  # noqa: E402
+from alm_torchrl.replay import SAMPLING_MODES, TRAJ_KEY  # noqa: E402
+from recipes.alm.utils import batches_per_draw, load_config, make_replay_buffer, sample_batches  # noqa: E402
 
 OBSERVATION_DIM, ACTION_DIM = 17, 6  # HalfCheetah-v5
 
@@ -87,10 +89,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(args: argparse.Namespace, size: int) -> dict:
-    buffers = {mode: make_replay_buffer(load_config(f"replay_buffer.size={size}", f"replay_buffer.sampling={mode}",
-                                                    f"optim.batch_size={args.batch_size}", f"loss.horizon={args.horizon}"),
-                                        torch.device("cpu"))
+    configs = {mode: load_config(f"replay_buffer.size={size}", f"replay_buffer.sampling={mode}",
+                                 f"optim.batch_size={args.batch_size}", f"loss.horizon={args.horizon}",
+                                 f"collector.frames_per_batch={args.frames_per_write}",
+                                 f"optim.utd_ratio={args.samples_per_write / args.frames_per_write}")
                for mode in args.modes}
+    buffers = {mode: make_replay_buffer(cfg, torch.device("cpu")) for mode, cfg in configs.items()}
     stream = EpisodeStream(args.episode_steps)
     # Past the capacity, half an episode into the next one: the storage has wrapped around, an episode is in progress.
     fill = size + args.episode_steps // 2
@@ -106,12 +110,12 @@ def measure(args: argparse.Namespace, size: int) -> dict:
             buffer.extend(frames)
         order = args.modes if write % 2 else args.modes[::-1]
         for mode in order:
-            for _ in range(args.samples_per_write):
-                start = time.perf_counter()
-                sample_slices(buffers[mode], args.batch_size, args.horizon)
-                if write:
-                    durations[mode].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            batches = sample_batches(configs[mode], buffers[mode])
+            if write:
+                durations[mode].extend([(time.perf_counter() - start) / len(batches)] * len(batches))
     result = {"buffer_size": size, "stored_trajectories": size // args.episode_steps + 1,
+              "batches_per_draw": batches_per_draw(next(iter(configs.values()))),
               "samples_timed_per_mode": args.writes * args.samples_per_write}
     for mode, values in durations.items():
         ms = [1000 * value for value in values]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import logging
 import platform
@@ -51,7 +52,7 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for recipes.alm.utils
 from alm_torchrl.envs import make_env  # noqa: E402
 from alm_torchrl.evaluation import evaluate  # noqa: E402
-from alm_torchrl.replay import TRAJ_KEY, sample_slices  # noqa: E402
+from alm_torchrl.replay import TRAJ_KEY  # noqa: E402
 from alm_torchrl.runtime import configure_cpu_runtime, skip_pandas_lookup_in_tensordict_from_any  # noqa: E402
 from recipes.alm.utils import (  # noqa: E402
     ConfigError,
@@ -63,6 +64,7 @@ from recipes.alm.utils import (  # noqa: E402
     make_learner,
     make_replay_buffer,
     resolve_device,
+    sample_batches,
     updates_per_batch,
     validate_config,
 )
@@ -305,36 +307,37 @@ def main(argv: list[str] | None = None) -> dict:
     synchronize(device)
     result["collector_policy_frames_per_s"] = policy_frames / (time.perf_counter() - start)
 
-    # The update alone, on fresh samples; sampling is timed apart.
-    durations, sample_durations, warmup_s = [], [], 0.0
+    # The update alone, on fresh samples; sampling is timed apart. Batches are drawn as the recipe draws them: every
+    # update of a collected batch at once (from states), so a batch's sampling time is its share of a draw.
+    durations, sample_durations, warmup_s, drawn = [], [], 0.0, []
     for step in range(args.warmup_updates + args.updates):
+        if not drawn:
+            start = time.perf_counter()
+            drawn = sample_batches(cfg, replay_buffer)
+            synchronize(device)
+            sample_seconds = (time.perf_counter() - start) / len(drawn)
+        batch = drawn.pop(0)
         start = time.perf_counter()
-        batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
-        synchronize(device)
-        sampled = time.perf_counter()
         update(batch)
         synchronize(device)
         if step < args.warmup_updates:  # with compile.compile, compilation (a warm inductor cache makes it shorter)
-            warmup_s += time.perf_counter() - sampled
+            warmup_s += time.perf_counter() - start
         else:
-            sample_durations.append(sampled - start)
-            durations.append(time.perf_counter() - sampled)
+            sample_durations.append(sample_seconds)
+            durations.append(time.perf_counter() - start)
     result.update(update_timings(durations, sample_durations), warmup_updates_s=warmup_s)
+    training_batches = (batch for _ in itertools.count() for batch in sample_batches(cfg, replay_buffer))
     start = time.perf_counter()
     for _ in range(args.updates):
-        update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+        update(next(training_batches))
     synchronize(device)
     result["updates_per_s_back_to_back"] = args.updates / (time.perf_counter() - start)
 
     if args.profile:
-        result["profile"] = profile_breakdown(
-            lambda: update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)), args.profile
-        )
+        result["profile"] = profile_breakdown(lambda: update(next(training_batches)), args.profile)
 
     if args.count_flops:
-        result["gflop_per_update"] = gflop_per_call(
-            lambda: update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
-        )
+        result["gflop_per_update"] = gflop_per_call(lambda: update(next(training_batches)))
 
     # The whole loop, as the recipe runs it after the warm-up: collect, store, then utd_ratio updates per frame.
     if args.loop_frames:
@@ -343,8 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
             data = next(batches)
             replay_buffer.extend(data.reshape(-1).select(*keys))
             loop_frames += data.numel()
-            for _ in range(updates_per_batch(cfg)):
-                update(sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon))
+            for batch in sample_batches(cfg, replay_buffer):
+                update(batch)
         synchronize(device)
         result["loop_frames_per_s"] = loop_frames / (time.perf_counter() - start)
     collector.shutdown()

@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_RECIPE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import fixed_cost  # noqa: E402
 import pixel_update  # noqa: E402
 import reference_update_speed  # noqa: E402
 import replay_sampling  # noqa: E402
@@ -65,6 +66,7 @@ def test_replay_sampling_times_both_modes_on_a_wrapped_buffer(capsys):
     replay_sampling.main(["--sizes", "500", "--episode-steps", "100", "--batch-size", "8", "--writes", "4"])
     (result,) = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert result["buffer_size"] == 500 and result["samples_timed_per_mode"] == 40
+    assert result["batches_per_draw"] == 10  # the recipe draws the 10 batches of a write at once
     for mode in ("transition", "trajectory"):
         assert 0 < result[f"{mode}_ms_per_sample_p10"] <= result[f"{mode}_ms_per_sample_median"]
 
@@ -151,6 +153,45 @@ def test_reference_harness_rejects_a_directory_without_the_original(tmp_path, ca
     assert str(tmp_path) in error and "agents/alm.py" in error
 
 
+def test_fixed_cost_times_the_original_and_ours_side_by_side(tmp_path, capsys, isolated_imports):
+    checkout = _fake_checkout(tmp_path / "alm")
+    result = fixed_cost.main([
+        "--reference-dir", str(checkout), "--variants", "original", "eager", "--blocks", "3", "--warmup-updates", "1",
+        "--explore-steps", "20", *TINY_RECIPE,
+    ])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result["variants"]) == {"original", "eager"} and result["threads"] == 1
+    assert result["variants"]["original"]["speedup_median"] == 1
+    eager = result["variants"]["eager"]
+    assert eager["ms_per_update_median"] >= eager["ms_per_update_min"] > 0
+    assert eager["speedup_min"] <= eager["speedup_median"] <= eager["speedup_max"]
+    (agent,) = sys.modules["agents.alm"].AGENTS
+    # A turn is the recipe's updates per collected batch (TINY_RECIPE: 10 frames x utd 1): one turn of warm-up, 3 timed.
+    assert result["updates_per_turn"] == 10
+    assert agent.env_buffer.pushed == 20 and len(agent.stds) == 10 + 3 * 10
+
+
+def test_fixed_cost_rotates_the_turns_and_compares_block_by_block():
+    calls = []
+
+    def turn_of(name):
+        def turn():
+            calls.append(name)
+            return 2
+
+        return turn
+
+    per_block = fixed_cost.side_by_side({name: turn_of(name) for name in ("original", "eager", "compiled")}, blocks=3)
+    assert calls == ["original", "eager", "compiled", "eager", "compiled", "original", "compiled", "original", "eager"]
+    assert {name: len(seconds) for name, seconds in per_block.items()} == {"original": 3, "eager": 3, "compiled": 3}
+    # Each block's ratio is the original's time over the variant's in that block: a slow moment slows both.
+    summary = fixed_cost.summarise({"original": [0.02, 0.04, 0.03], "compiled": [0.005, 0.01, 0.015]})
+    assert summary["compiled"]["speedup_median"] == pytest.approx(4)
+    assert (summary["compiled"]["speedup_min"], summary["compiled"]["speedup_max"]) == pytest.approx((2, 4))
+    assert summary["compiled"]["ms_per_update_median"] == pytest.approx(10)
+    assert summary["original"]["speedup_median"] == 1
+
+
 def test_pixel_update_reports_time_and_memory(capsys):
     result = pixel_update.main([
         "--image-size", "16", "--batch-size", "4", "--buffer-size", "600", "--updates", "2", "--conv-channels", "4",
@@ -173,6 +214,9 @@ def test_pixel_update_reports_time_and_memory(capsys):
     [
         (update_speed, ["--updates", "1"], "--updates must be >= 2, got 1"),
         (reference_update_speed, ["--reference-dir", ".", "--explore-steps", "3"], "--explore-steps must be >= 4, got 3"),
+        (fixed_cost, ["--reference-dir", ".", "--blocks", "1"], "--blocks must be >= 2, got 1"),
+        (fixed_cost, ["--reference-dir", ".", "--variants", "eager"],
+         "--variants must name the original and at least one of ours, got eager"),
     ],
 )
 def test_benchmarks_reject_too_few_updates_or_steps(script, argv, message, capsys):

@@ -106,11 +106,14 @@ def test_compiled_update_equals_sequential_update():
             update(batch)
         _assert_same_state(reference, fast)
         # The compiled pass flags a non-finite norm on the device as well: the step is skipped, then the update raises.
+        # A NaN critic weight (the compiled backward is traced, so a gradient hook added now would not be seen); the
+        # model loss reads the critic too, and the first group in OPTIMIZER_GROUPS with a bad norm is named.
+        with torch.no_grad():
+            next(iter(fast.qvalue_network_params.values(True, True))).view(-1)[0] = float("nan")
         before = {name: p.detach().clone() for name, p in fast.named_parameters()}
-        next(iter(fast.qvalue_network_params.values(True, True))).register_hook(lambda grad: grad * float("nan"))
-        with pytest.raises(NonFiniteGradientError, match="optimizer group 'qvalue'"):
+        with pytest.raises(NonFiniteGradientError, match="optimizer group 'model'"):
             update(slice_batch(seed=20))
-    assert all(torch.equal(before[name], p) for name, p in fast.named_parameters())
+    assert all(torch.equal(before[name].nan_to_num(), p.nan_to_num()) for name, p in fast.named_parameters())
     assert torch._inductor.config.fallback_random is False
 
 

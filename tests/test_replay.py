@@ -75,6 +75,28 @@ def test_sample_shape(hopper_batches: list[TensorDict]) -> None:
         assert sample["is_init"][:, 0].all()
 
 
+def test_several_batches_in_one_draw(hopper_batches: list[TensorDict]) -> None:
+    """batches_per_draw draws them at once, for one draw's overhead; each slice still lies inside one episode."""
+    buffer = make_replay_buffer(size=1000, batch_size=4, slice_len=3, batches_per_draw=10)
+    for batch in hopper_batches:
+        buffer.extend(batch)
+    batches = sample_slices(buffer, 4, 3, num_batches=10)
+    assert batches.shape == (10, 4, 3) and batches["observation"].shape == (10, 4, 3, 11)
+    traj_ids = batches["collector", "traj_ids"]
+    assert (traj_ids == traj_ids[..., :1]).all()
+    assert torch.equal(batches["next", "observation"][..., :-1, :], batches["observation"][..., 1:, :])
+    assert batches["is_init"][:, :, 0].all()
+    # Independent draws: the ten batches are not copies of one another.
+    assert len({tuple(ids.tolist()) for ids in traj_ids[..., 0]}) > 1
+    # Sizes other than the buffer's own draw are refused (a prefetched sample would have the buffer's size).
+    for args in ((4, 3), (4, 3, 5), (8, 3, 10)):
+        with pytest.raises(ValueError, match="does not match the buffer's draw of 120 transitions"):
+            sample_slices(buffer, *args)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"batches_per_draw must be an int >= 1, got {bad!r}"):
+            make_replay_buffer(size=10, batch_size=2, slice_len=3, batches_per_draw=bad)
+
+
 def test_no_trajectory_long_enough(hopper_batches: list[TensorDict]) -> None:
     buffer = make_replay_buffer(size=1000, batch_size=4, slice_len=21)
     buffer.extend(hopper_batches[0])

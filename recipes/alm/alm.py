@@ -34,7 +34,7 @@ from torchrl import timeit
 from alm_torchrl.checkpoint import TrainingCheckpoints
 from alm_torchrl.evaluation import evaluate, lower_bound_bias
 from alm_torchrl.preemption import RESUMABLE_EXIT_CODE, StopSignals
-from alm_torchrl.replay import TRAJ_KEY, NonFiniteDataError, check_finite, sample_slices
+from alm_torchrl.replay import TRAJ_KEY, NonFiniteDataError, check_finite
 from alm_torchrl.update import NonFiniteGradientError
 from utils import (
     apply_schema,
@@ -49,12 +49,12 @@ from utils import (
     make_logger,
     make_replay_buffer,
     make_video_env,
+    sample_batches,
     MetricsLog,
     resolve_device,
     RESUME_AUTO,
     resume_checkpoint,
     UpdateMetrics,
-    updates_per_batch,
     validate_config,
 )
 
@@ -160,7 +160,6 @@ def main(cfg: DictConfig) -> None:
         logger = make_logger(cfg, resumed)  # a run resumed in place goes on writing its own logs
         metrics_log = MetricsLog(logger, announce=say)
         video_env = make_video_env(cfg, logger)  # None unless logger.video
-        num_updates_per_batch = updates_per_batch(cfg)
 
         def kept() -> str:
             if last_checkpoint is None:
@@ -210,11 +209,11 @@ def main(cfg: DictConfig) -> None:
                 if agent.exploration_noise is not None:
                     agent.exploration_noise.step(min(frames, collected_frames - cfg.collector.init_random_frames))
                     loss.actor_std = float(agent.exploration_noise.sigma)
-                for _ in range(num_updates_per_batch):
-                    try:
-                        batch = sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon)
-                    except RuntimeError as err:  # e.g. every stored episode is shorter than the horizon
-                        fail(f"{err} (frame {collected_frames})")
+                try:
+                    batches = sample_batches(cfg, replay_buffer)  # all of them in one draw, from states
+                except RuntimeError as err:  # e.g. every stored episode is shorter than the horizon
+                    fail(f"{err} (frame {collected_frames})")
+                for batch in batches:
                     with timeit("update"):
                         try:
                             update_metrics.add(update(batch))

@@ -53,6 +53,7 @@ from alm_torchrl.envs import (
 )
 from alm_torchrl.objectives import ALMLoss
 from alm_torchrl.replay import make_replay_buffer as make_slice_replay_buffer
+from alm_torchrl.replay import sample_slices
 from alm_torchrl.runtime import (
     AdaptiveThreads,
     configure_cpu_runtime,
@@ -274,6 +275,24 @@ def updates_per_batch(cfg: DictConfig) -> int:
     :func:`validate_config` refuses a product that is not a whole number.
     """
     return round(cfg.collector.frames_per_batch * cfg.optim.utd_ratio)
+
+
+def batches_per_draw(cfg: DictConfig) -> int:
+    """Training batches the replay buffer draws at once: every update of a collected batch (the buffer does not change
+    between them, and at small sizes one draw costs about as much as one batch), but one at a time from pixels, where
+    ten batches of image stacks at once would hold ten times the memory."""
+    return 1 if cfg.env.from_pixels else max(updates_per_batch(cfg), 1)
+
+
+def sample_batches(cfg: DictConfig, replay_buffer: TensorDictReplayBuffer) -> list[TensorDictBase]:
+    """The ``updates_per_batch(cfg)`` training batches of one collected batch, ``[optim.batch_size, loss.horizon]``
+    slices each, from a buffer built by :func:`make_replay_buffer`."""
+    per_draw = batches_per_draw(cfg)
+    draws = (
+        sample_slices(replay_buffer, cfg.optim.batch_size, cfg.loss.horizon, num_batches=per_draw)
+        for _ in range(updates_per_batch(cfg) // per_draw)
+    )
+    return [batch for draw in draws for batch in draw.unbind(0)]
 
 
 def replay_buffer_capacity(cfg: DictConfig) -> int:
@@ -741,6 +760,7 @@ def make_replay_buffer(cfg: DictConfig, device: torch.device) -> TensorDictRepla
             device=device,
             prefetch=prefetch,
             sampling=cfg.replay_buffer.sampling,
+            batches_per_draw=batches_per_draw(cfg),
             pixels_key="pixels" if pixels else None,
             num_frames=cfg.env.num_frames,
         )
