@@ -5,7 +5,9 @@ Builds env, modules, loss, optimizer, update, replay buffer and collector with t
 with the recipe's random warm-up, then reports, as one JSON line on stdout:
 
 - the update: ``ms_per_update_median`` (and p10/p90/mean) and ``updates_per_s`` (from the median), each update
-  timed on its own; ``warmup_updates_s``: the untimed warm-up updates together, compilation included;
+  timed on its own, and ``ms_per_sample_median``: a batch's share of the recipe's draw from the replay buffer (the
+  batches of a collected batch's updates at once, ``sample_batches``); ``warmup_updates_s``: the untimed warm-up
+  updates together, compilation included;
   ``updates_per_s_back_to_back``: sampling and updating ``--updates`` times in a row with one device
   sync at the end, as the recipe runs them (on a GPU the host then queues work ahead of the device);
 - the collector alone: ``collector_random_frames_per_s`` (warm-up, random actions) and
