@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--env", default="HalfCheetah-v5", help="env.name: a gymnasium id or preset")
     parser.add_argument("--device", default="auto", help="collector.device: auto, cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=512, help="optim.batch_size (slices per update)")
-    parser.add_argument("--compile", choices=["auto", "true", "false"], default=None,
-                        help="compile.compile (default: the recipe's, auto)")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], nargs="?", const="true", default=None,
+                        help="compile.compile (default: the recipe's, auto; --compile alone: true)")
     parser.add_argument("--compile-mode", default=None, help="compile.compile_mode")
     parser.add_argument("--cudagraphs", action="store_true", help="compile.cudagraphs=true (CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="compile.num_threads (default: one per core)")

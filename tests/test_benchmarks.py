@@ -209,6 +209,14 @@ def test_pixel_update_reports_time_and_memory(capsys):
     assert result["ms_per_update_median"] > 0 and 0 < result["sample_share"] < 1
 
 
+def test_update_speed_takes_compile_alone_as_true():
+    """`--compile --cudagraphs` (the GPU commands of benchmarks/README.md) must parse, not ask for a value."""
+    args = update_speed.parse_args(["--device", "cuda", "--compile", "--cudagraphs"])
+    assert args.compile == "true" and args.cudagraphs
+    assert update_speed.parse_args(["--compile", "false"]).compile == "false"
+    assert update_speed.parse_args([]).compile is None  # the recipe's default, auto
+
+
 @pytest.mark.parametrize(
     "script, argv, message",
     [
