@@ -17,6 +17,7 @@ import torch
 import torch._dynamo
 from tensordict import TensorDictBase
 from tensordict.nn import CudaGraphModule
+from torch.nn.modules import module as nn_module
 from torchrl._utils import compile_with_warmup
 from torchrl.objectives import SoftUpdate
 
@@ -122,24 +123,49 @@ def make_target_updater(loss: ALMLoss, tau: float = 0.005) -> SoftUpdate:
     return ForeachSoftUpdate(loss, tau=tau)
 
 
+def _backward_hook_check(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> Callable[[], bool]:
+    """A check of whether a backward hook would run: on one of ``params`` (gradient or post-accumulate hooks), on one
+    of ``modules``, or on every module (``register_module_full_backward_hook``)."""
+
+    def hooked() -> bool:
+        # Private attributes: torch has no public query for registered hooks.
+        if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+            return True
+        if any(module._backward_hooks or module._backward_pre_hooks for module in modules):
+            return True
+        return any(param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None) for param in params)
+
+    return hooked
+
+
 def _compiled_or_eager(
-    step: Callable[[TensorDictBase], TensorDictBase], compile_mode: str | None, on_failure: Callable[[], None]
+    step: Callable[[TensorDictBase], TensorDictBase],
+    compile_mode: str | None,
+    on_failure: Callable[[], None],
+    hooked: Callable[[], bool],
 ) -> Callable[[TensorDictBase], TensorDictBase]:
     """``step`` compiled as TorchRL's recipes compile it (one eager warm-up call, then ``torch.compile``).
 
     If compiling fails, ``step`` runs eagerly from then on, after one warning line naming the cause: a missing
     toolchain must not end a training run. ``on_failure`` undoes what a partly run compiled step left (its gradients).
+    While ``hooked()`` (a backward hook is registered), ``step`` runs eagerly, said once in a warning.
     """
     # Dynamo traces ``backward()`` into the graph instead of breaking it there: one graph and one set of guards fewer
     # per update. A dynamo option read while tracing, so it is set around every call rather than for the process.
+    # Its traced backward skips backward hooks without a word (torch 2.13), hence ``hooked``.
     compiled = torch._dynamo.config.patch(trace_autograd_ops=True)(
         compile_with_warmup(step, mode=compile_mode, warmup=1)
     )
-    use_compiled = True
+    use_compiled, warned_hooks = True, False
 
     def compiled_or_eager(batch: TensorDictBase) -> TensorDictBase:
-        nonlocal use_compiled
-        if use_compiled:
+        nonlocal use_compiled, warned_hooks
+        if use_compiled and hooked():
+            if not warned_hooks:
+                warned_hooks = True
+                warnings.warn("a backward hook is registered in the loss: the update runs eagerly while it is "
+                              "(the compiled update's traced backward would skip it)", stacklevel=2)
+        elif use_compiled:
             try:
                 return compiled(batch)
             except torch._dynamo.exc.TorchDynamoException as err:
@@ -179,8 +205,9 @@ def make_update(
     ``cudagraphs`` needs the fused optimizer.
 
     ``compile`` wraps the step in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager warm-up call), with
-    ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``; a gradient hook registered on a parameter
-    after the first compiled call is then not run). ``cudagraphs`` records the whole step as a CUDA graph
+    ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``). That traced backward would skip backward
+    hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with a warning.
+    ``cudagraphs`` records the whole step as a CUDA graph
     (``CudaGraphModule``; the optimizer must be built with ``capturable=True``). Both follow TorchRL's
     ``sota-implementations``.
     """
@@ -243,7 +270,14 @@ def make_update(
     # optimizer, target update) is one function to compile or graph; any other one is checked before stepping.
     step = full_step if skips_on_device else gradient_pass
     if compile:
-        step = _compiled_or_eager(step, compile_mode, on_failure=lambda: optimizer.zero_grad(set_to_none=True))
+        step = _compiled_or_eager(
+            step,
+            compile_mode,
+            on_failure=lambda: optimizer.zero_grad(set_to_none=True),
+            hooked=_backward_hook_check(
+                list(loss.modules()), [param for group in optimizer.param_groups for param in group["params"]]
+            ),
+        )
     if cudagraphs:
         step = CudaGraphModule(step, in_keys=[], out_keys=[], warmup=5)
 

@@ -105,9 +105,19 @@ def test_compiled_update_equals_sequential_update():
             torch.manual_seed(step)
             update(batch)
         _assert_same_state(reference, fast)
+        # The compiled backward is traced, and a traced backward skips backward hooks: while one is registered, the
+        # update runs eagerly (said once), and the hook runs.
+        critic_weight = next(iter(fast.qvalue_network_params.values(True, True)))
+        hook_calls = []
+        handle = critic_weight.register_hook(lambda grad: hook_calls.append(grad.shape))
+        with pytest.warns(UserWarning, match="a backward hook is registered in the loss: the update runs eagerly"):
+            update(slice_batch(seed=15))
+        update(slice_batch(seed=16))
+        assert hook_calls == [critic_weight.shape] * 2
+        handle.remove()
         # The compiled pass flags a non-finite norm on the device as well: the step is skipped, then the update raises.
-        # A NaN critic weight (the compiled backward is traced, so a gradient hook added now would not be seen); the
-        # model loss reads the critic too, and the first group in OPTIMIZER_GROUPS with a bad norm is named.
+        # A NaN critic weight: the model loss reads the critic too, and the first group in OPTIMIZER_GROUPS with a
+        # bad norm is named.
         with torch.no_grad():
             next(iter(fast.qvalue_network_params.values(True, True))).view(-1)[0] = float("nan")
         before = {name: p.detach().clone() for name, p in fast.named_parameters()}
