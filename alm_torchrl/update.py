@@ -207,9 +207,8 @@ def make_update(
     ``compile`` wraps the step in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager warm-up call), with
     ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``). That traced backward would skip backward
     hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with a warning.
-    ``cudagraphs`` records the whole step as a CUDA graph
-    (``CudaGraphModule``; the optimizer must be built with ``capturable=True``). Both follow TorchRL's
-    ``sota-implementations``.
+    ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be built with
+    ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
     """
     if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be a number > 0 (paper: 100), got {max_grad_norm!r}")
