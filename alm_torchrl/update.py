@@ -148,19 +148,22 @@ def _compiled_or_eager(
 
     If compiling fails, ``step`` runs eagerly from then on, after one warning line naming the cause: a missing
     toolchain must not end a training run. ``on_failure`` undoes what a partly run compiled step left (its gradients).
-    While ``hooked()`` (a backward hook is registered), ``step`` runs eagerly, said once in a warning.
+    While ``hooked()`` (a backward hook is registered) and dynamo traces the backward, ``step`` runs eagerly, said
+    once in a warning.
     """
+    compiled = compile_with_warmup(step, mode=compile_mode, warmup=1)
     # Dynamo traces ``backward()`` into the graph instead of breaking it there: one graph and one set of guards fewer
-    # per update. A dynamo option read while tracing, so it is set around every call rather than for the process.
-    # Its traced backward skips backward hooks without a word (torch 2.13), hence ``hooked``.
-    compiled = torch._dynamo.config.patch(trace_autograd_ops=True)(
-        compile_with_warmup(step, mode=compile_mode, warmup=1)
-    )
+    # per update. A dynamo option read while tracing, so it is set around every call rather than for the process; torch
+    # < 2.11 lacks it and breaks the graph at ``backward()``, which runs eagerly, hooks included. The traced backward
+    # skips backward hooks without a word (torch 2.13), hence ``hooked``.
+    traces_backward = hasattr(torch._dynamo.config, "trace_autograd_ops")
+    if traces_backward:
+        compiled = torch._dynamo.config.patch(trace_autograd_ops=True)(compiled)
     use_compiled, warned_hooks = True, False
 
     def compiled_or_eager(batch: TensorDictBase) -> TensorDictBase:
         nonlocal use_compiled, warned_hooks
-        if use_compiled and hooked():
+        if use_compiled and traces_backward and hooked():
             if not warned_hooks:
                 warned_hooks = True
                 warnings.warn("a backward hook is registered in the loss: the update runs eagerly while it is "
@@ -205,8 +208,9 @@ def make_update(
     ``cudagraphs`` needs the fused optimizer.
 
     ``compile`` wraps the step in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager warm-up call), with
-    ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``). That traced backward would skip backward
-    hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with a warning.
+    ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``, torch >= 2.11). That traced backward would
+    skip backward hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with
+    a warning.
     ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be built with
     ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
     """

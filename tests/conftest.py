@@ -8,9 +8,11 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.data import Bounded, Unbounded
+from torchrl.objectives import SoftUpdate
 
 from alm_torchrl import make_alm_modules
 from alm_torchrl.objectives import ALMLoss
+from alm_torchrl.update import OPTIMIZER_GROUPS
 
 # TorchRL's own test suite runs with composite log-prob aggregation off (the 0.14 default).
 os.environ.setdefault("COMPOSITE_LP_AGGREGATE", "0")
@@ -91,3 +93,52 @@ def fixed_policy(env) -> TensorDictModule:
     act_dim = env.action_spec.shape[-1]
     weight = torch.randn(obs_dim, act_dim, generator=torch.Generator().manual_seed(0))
     return TensorDictModule(lambda obs: torch.tanh(obs @ weight), in_keys=["observation"], out_keys=["action"])
+
+
+# The straightforward update that the fast one (alm_torchrl.update.make_update) must reproduce exactly.
+LR, MAX_GRAD_NORM, TAU = 1e-3, 100.0, 0.005
+# Which optimizer (the reference code's four) steps each loss's parameters.
+LOSS_TO_OPTIMIZER = {loss_key: group for group, loss_keys in OPTIMIZER_GROUPS.items() for loss_key in loss_keys}
+
+
+def _group_params(loss, group: str) -> list[torch.nn.Parameter]:
+    prefixes = tuple(prefix for loss_key in OPTIMIZER_GROUPS[group] for prefix in LOSS_GROUPS[loss_key])
+    return [p for name, p in loss.named_parameters() if name.startswith(prefixes)]
+
+
+def sequential_update(loss, optimizers: dict, target_updater: SoftUpdate, batch) -> None:
+    """The reference organisation: each loss's own gradient, per-group clipping, four optimizer steps."""
+    losses = loss(batch)
+    named = dict(loss.named_parameters())
+    for loss_name in LOSS_TO_OPTIMIZER:
+        params = [p for name, p in named.items() if name.startswith(LOSS_GROUPS[loss_name])]
+        grads = torch.autograd.grad(losses[loss_name], params, retain_graph=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad if param.grad is None else param.grad + grad
+        # Gradient isolation: this loss reaches no other group's parameters.
+        others = [p for name, p in named.items() if not name.startswith(LOSS_GROUPS[loss_name])]
+        stray = torch.autograd.grad(losses[loss_name], others, retain_graph=True, allow_unused=True)
+        assert all(g is None or not g.any() for g in stray), f"{loss_name} leaks into another group"
+    for group, optimizer in optimizers.items():
+        torch.nn.utils.clip_grad_norm_(_group_params(loss, group), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    target_updater.step()
+
+
+def reference_pair(deactivate_vmap: bool = False, device: str | torch.device = "cpu"):
+    """Two losses with the same weights on ``device``: (reference, its four plain Adams, the one to test)."""
+    reference = tiny_loss(seed=3).to(device)
+    fast = tiny_loss(seed=3, deactivate_vmap=deactivate_vmap).to(device)
+    optimizers = {
+        group: torch.optim.Adam(_group_params(reference, group), lr=LR, foreach=False) for group in OPTIMIZER_GROUPS
+    }
+    return reference, optimizers, fast
+
+
+def assert_same_state(reference, fast) -> None:
+    fast_state = fast.state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(
+            fast_state[name], value, rtol=1e-5, atol=1e-6, msg=lambda message, name=name: f"{name}: {message}"
+        )

@@ -18,57 +18,22 @@ from alm_torchrl.update import (
     make_update,
 )
 
-from conftest import LOSS_GROUPS, slice_batch, tiny_loss
-
-LR, MAX_GRAD_NORM, TAU = 1e-3, 100.0, 0.005
-# Which optimizer (the reference code's four) steps each loss's parameters.
-LOSS_TO_OPTIMIZER = {loss_key: group for group, loss_keys in OPTIMIZER_GROUPS.items() for loss_key in loss_keys}
-
-
-def _group_params(loss, group: str) -> list[torch.nn.Parameter]:
-    prefixes = tuple(prefix for loss_key in OPTIMIZER_GROUPS[group] for prefix in LOSS_GROUPS[loss_key])
-    return [p for name, p in loss.named_parameters() if name.startswith(prefixes)]
-
-
-def sequential_update(loss, optimizers: dict, target_updater: SoftUpdate, batch) -> None:
-    """The reference organisation: each loss's own gradient, per-group clipping, four optimizer steps."""
-    losses = loss(batch)
-    named = dict(loss.named_parameters())
-    for loss_name, group in LOSS_TO_OPTIMIZER.items():
-        params = [p for name, p in named.items() if name.startswith(LOSS_GROUPS[loss_name])]
-        grads = torch.autograd.grad(losses[loss_name], params, retain_graph=True)
-        for param, grad in zip(params, grads):
-            param.grad = grad if param.grad is None else param.grad + grad
-        # Gradient isolation: this loss reaches no other group's parameters.
-        others = [p for name, p in named.items() if not name.startswith(LOSS_GROUPS[loss_name])]
-        stray = torch.autograd.grad(losses[loss_name], others, retain_graph=True, allow_unused=True)
-        assert all(g is None or not g.any() for g in stray), f"{loss_name} leaks into another group"
-    for group, optimizer in optimizers.items():
-        torch.nn.utils.clip_grad_norm_(_group_params(loss, group), MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    target_updater.step()
-
-
-def _pair(deactivate_vmap: bool):
-    reference = tiny_loss(seed=3)
-    fast = tiny_loss(seed=3, deactivate_vmap=deactivate_vmap)  # the same weights
-    optimizers = {
-        group: torch.optim.Adam(_group_params(reference, group), lr=LR, foreach=False) for group in OPTIMIZER_GROUPS
-    }
-    return reference, optimizers, fast
-
-
-def _assert_same_state(reference, fast) -> None:
-    fast_state = fast.state_dict()
-    for name, value in reference.state_dict().items():
-        torch.testing.assert_close(fast_state[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+from conftest import (
+    LR,
+    MAX_GRAD_NORM,
+    TAU,
+    assert_same_state,
+    reference_pair,
+    sequential_update,
+    slice_batch,
+    tiny_loss,
+)
 
 
 @pytest.mark.parametrize("deactivate_vmap", [False, True], ids=["vmap", "loop"])
 @pytest.mark.parametrize("cudagraphs", [False, True], ids=["eager", "cudagraph-wrapper"])
 def test_fast_update_equals_sequential_update(deactivate_vmap, cudagraphs):
-    reference, optimizers, fast = _pair(deactivate_vmap)
+    reference, optimizers, fast = reference_pair(deactivate_vmap)
     reference_targets = SoftUpdate(reference, tau=TAU)
     with warnings.catch_warnings():
         # Without CUDA, CudaGraphModule warns and runs eagerly: this checks the wrapper's plumbing on the CPU.
@@ -83,15 +48,14 @@ def test_fast_update_equals_sequential_update(deactivate_vmap, cudagraphs):
             torch.manual_seed(step)
             metrics = update(batch)
     assert {f"grad_norm_{group}" for group in OPTIMIZER_GROUPS} <= set(metrics.keys())
-    _assert_same_state(reference, fast)
-    moved = [
-        not torch.equal(p, q) for (name, p), (_, q) in zip(reference.named_parameters(), tiny_loss(seed=3).named_parameters())
-    ]
+    assert_same_state(reference, fast)
+    initial = tiny_loss(seed=3).parameters()
+    moved = [not torch.equal(param, start) for param, start in zip(reference.parameters(), initial)]
     assert all(moved), "every parameter of every group should have been updated"
 
 
 def test_compiled_update_equals_sequential_update():
-    reference, optimizers, fast = _pair(deactivate_vmap=False)
+    reference, optimizers, fast = reference_pair(deactivate_vmap=False)
     reference_targets = SoftUpdate(reference, tau=TAU)
     update = make_update(fast, make_optimizer(fast, LR), make_target_updater(fast, tau=TAU), MAX_GRAD_NORM,
                          compile=True)
@@ -104,7 +68,7 @@ def test_compiled_update_equals_sequential_update():
             sequential_update(reference, optimizers, reference_targets, batch)
             torch.manual_seed(step)
             update(batch)
-        _assert_same_state(reference, fast)
+        assert_same_state(reference, fast)
         # The compiled backward is traced, and a traced backward skips backward hooks: while one is registered, the
         # update runs eagerly (said once), and the hook runs.
         critic_weight = next(iter(fast.qvalue_network_params.values(True, True)))
@@ -138,7 +102,7 @@ def test_a_compilation_that_fails_falls_back_to_eager_with_one_warning(monkeypat
         return compiled
 
     monkeypatch.setattr(alm_torchrl.update, "compile_with_warmup", failing_compile)
-    reference, optimizers, fast = _pair(deactivate_vmap=False)
+    reference, optimizers, fast = reference_pair(deactivate_vmap=False)
     reference_targets = SoftUpdate(reference, tau=TAU)
     update = make_update(fast, make_optimizer(fast, LR), make_target_updater(fast, tau=TAU), MAX_GRAD_NORM,
                          compile=True)
@@ -150,4 +114,4 @@ def test_a_compilation_that_fails_falls_back_to_eager_with_one_warning(monkeypat
             torch.manual_seed(step)
             update(batch)
     assert len([w for w in seen if "torch.compile failed" in str(w.message)]) == 1
-    _assert_same_state(reference, fast)
+    assert_same_state(reference, fast)
