@@ -13,6 +13,7 @@ from torchrl.objectives import SoftUpdate
 from alm_torchrl.update import (
     OPTIMIZER_GROUPS,
     NonFiniteGradientError,
+    _backward_hook_check,
     make_optimizer,
     make_target_updater,
     make_update,
@@ -89,6 +90,26 @@ def test_compiled_update_equals_sequential_update():
             update(slice_batch(seed=20))
     assert all(torch.equal(before[name].nan_to_num(), p.nan_to_num()) for name, p in fast.named_parameters())
     assert torch._inductor.config.fallback_random is False
+
+
+@pytest.mark.parametrize("kind", ["tensor", "post-accumulate", "module", "module-pre", "global"])
+def test_the_hook_check_sees_every_kind_of_backward_hook(kind):
+    """The compiled update's traced backward runs no backward hook (and with a module hook accumulates no gradient:
+    upstream/pytorch/), so the update must see each kind to run eagerly while one is registered."""
+    module = torch.nn.Linear(2, 1)
+    hooked = _backward_hook_check([module], list(module.parameters()))
+    assert not hooked()
+    register = {
+        "tensor": lambda: module.weight.register_hook(lambda grad: grad),
+        "post-accumulate": lambda: module.bias.register_post_accumulate_grad_hook(lambda param: None),
+        "module": lambda: module.register_full_backward_hook(lambda *args: None),
+        "module-pre": lambda: module.register_full_backward_pre_hook(lambda *args: None),
+        "global": lambda: torch.nn.modules.module.register_module_full_backward_hook(lambda *args: None),
+    }[kind]
+    handle = register()
+    assert hooked()
+    handle.remove()
+    assert not hooked()
 
 
 def test_a_compilation_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
