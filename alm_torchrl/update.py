@@ -155,7 +155,8 @@ def _compiled_or_eager(
     # Dynamo traces ``backward()`` into the graph instead of breaking it there: one graph and one set of guards fewer
     # per update. A dynamo option read while tracing, so it is set around every call rather than for the process; torch
     # < 2.11 lacks it and breaks the graph at ``backward()``, which runs eagerly, hooks included. The traced backward
-    # skips backward hooks without a word (torch 2.13), hence ``hooked``.
+    # skips backward hooks without a word, and with a module hook accumulates no gradient either (torch 2.13;
+    # upstream/pytorch/), hence ``hooked``.
     traces_backward = hasattr(torch._dynamo.config, "trace_autograd_ops")
     if traces_backward:
         compiled = torch._dynamo.config.patch(trace_autograd_ops=True)(compiled)
