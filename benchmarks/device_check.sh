@@ -20,7 +20,7 @@ if [ ! -e alm_torchrl/objectives ]; then
     ln -s ../objectives alm_torchrl/objectives
     trap 'rm -f alm_torchrl/objectives' EXIT
 fi
-export PYTHONPATH="/tmp/site:$PWD" MUJOCO_GL=egl PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 {
     nvidia-smi -L
     python3 -c "import torch, torchrl, tensordict; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
