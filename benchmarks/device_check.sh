@@ -12,7 +12,8 @@
 set -uo pipefail
 OUT=${OUT:?"set OUT to the folder for the results"}
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl \
     || { echo "installing .whl/ failed: run benchmarks/device_wheels.sh here and carry .whl" >&2; exit 1; }
 # The loss lives in objectives/ and is installed as alm_torchrl.objectives (pyproject.toml); from a source tree the
 # same name needs a link, removed at the end.
