@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from gymnasium.envs.mujoco import MujocoEnv
 from tensordict import TensorDictBase
+from torchrl.data import Bounded, TensorSpec
 from torchrl.envs import (
+    ActionScaling,
     CatFrames,
     CatTensors,
     Compose,
@@ -262,6 +264,7 @@ def make_env(
     frame_skip: int = 1,
     image_size: tuple[int, int] | None = None,
     fast_render: bool = False,
+    scale_actions: bool = False,
 ) -> TransformedEnv:
     """Build ``env_name`` (a preset name, any gymnasium id or a DMC task) as a seeded, float32 TorchRL env.
 
@@ -286,6 +289,10 @@ def make_env(
             rendering. gymnasium tasks outside MuJoCo render at their own size.
         fast_render: render MuJoCo tasks without shadows, reflections and multisampling, 20-30x cheaper with a
             software OpenGL (Mesa's llvmpipe, what EGL gives on a machine without a GPU).
+        scale_actions: the agent acts in ``[-1, 1]`` and TorchRL's ``ActionScaling`` maps its actions affinely onto
+            the task's bounds, so that ALM's tanh-bounded actor reaches the whole action box. Off by default, as in the
+            original ALM, where a task whose bounds are not ``[-1, 1]`` gets the actor's mean unscaled (Pendulum-v1's
+            torque bound is 2: the mean then uses at most half of it) and its noisy actions clamped to the bounds.
     """
     check_env_name(env_name, allow_presets=from_preset)
     if num_envs < 1:
@@ -337,9 +344,23 @@ def make_env(
         Compose(InitTracker(), StepCounter(agent_steps(max_episode_steps, frame_skip)), RewardSum()),
         auto_unwrap=True,  # a vector env comes wrapped in TorchRL's VecGymEnvTransform: ours go after it, in one env
     )
+    if scale_actions:
+        _check_scalable(env_name, env.action_spec)
+        env.append_transform(ActionScaling())
     if seed is not None:
         env.set_seed(seed)
     return env
+
+
+def _check_scalable(env_name: str, action_spec: TensorSpec) -> None:
+    if isinstance(action_spec, Bounded):
+        low, high = action_spec.space.low, action_spec.space.high
+        if bool((low.isfinite() & high.isfinite()).all()):
+            return
+        found = f"bounds {low.tolist()} to {high.tolist()}"
+    else:
+        found = f"an unbounded {type(action_spec).__name__} action spec"
+    raise ValueError(f"scale_actions needs finite action bounds to scale to [-1, 1]; {env_name} has {found}")
 
 
 def _make_gym_env(

@@ -89,15 +89,16 @@ def make_video_env(
     frame_skip: int = 1,
     image_size: tuple[int, int] = DEFAULT_VIDEO_SIZE,
     fast_render: bool = False,
+    scale_actions: bool = False,
     tag: str = "eval/video",
 ) -> TransformedEnv:
     """One copy of ``env_name`` rendering ``image_size`` frames, recorded by a ``VideoRecorder`` into ``logger``.
 
     Every step of an episode is recorded (the reset frame too: ``T + 1`` frames for ``T`` steps); the recorder keeps
     them in memory until ``env.transform.dump(step=...)`` hands the video to ``logger`` under ``tag``.
-    ``fast_render`` drops shadows, reflections and multisampling (:func:`alm_torchrl.envs.make_env`).
+    ``fast_render`` drops shadows, reflections and multisampling, ``scale_actions`` rescales the actions to
+    ``[-1, 1]`` (:func:`alm_torchrl.envs.make_env`).
     """
     env = make_env(env_name, seed=seed, max_episode_steps=max_episode_steps, frame_skip=frame_skip,
-                   image_size=image_size, fast_render=fast_render)
+                   image_size=image_size, fast_render=fast_render, scale_actions=scale_actions)
     return env.append_transform(VideoRecorder(logger, tag, in_keys=["pixels"], skip=1))
-

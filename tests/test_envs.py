@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gymnasium
+import numpy as np
 import pytest
 import torch
+from gymnasium.envs.classic_control import PendulumEnv
 
 from alm_torchrl.envs import ENV_PRESETS, check_env_name, make_env, replay_buffer_size_for, rollout_episodes
 
@@ -187,6 +190,43 @@ def test_frame_skip_repeats_the_action_and_sums_the_rewards() -> None:
         torch.testing.assert_close(td_repeated["next", "observation"], td_single["observation"])
         torch.testing.assert_close(td_repeated["next", "reward"], sum(rewards))
         td_repeated = td_repeated["next"]
+
+
+def test_scale_actions_maps_the_agents_unit_box_onto_the_task_bounds() -> None:
+    """Pendulum's torque bound is 2: scaled, the agent acts in [-1, 1] and its actions reach the env doubled, while
+    the transitions keep the agent's actions (what the replay buffer stores and the model learns from)."""
+    scaled = make_env("Pendulum-v1", seed=3, scale_actions=True)
+    unscaled = make_env("Pendulum-v1", seed=3)
+    assert scaled.action_spec.space.high.tolist() == [1.0] and scaled.action_spec.space.low.tolist() == [-1.0]
+    assert unscaled.action_spec.space.high.tolist() == [2.0]
+    td_scaled, td_unscaled = scaled.reset(), unscaled.reset()
+    for action in (1.0, -0.5, 0.25):
+        td_scaled = scaled.step(td_scaled.set("action", torch.tensor([action])))
+        td_unscaled = unscaled.step(td_unscaled.set("action", torch.tensor([2 * action])))
+        assert td_scaled["action"].item() == action
+        torch.testing.assert_close(td_scaled["next", "observation"], td_unscaled["next", "observation"])
+        torch.testing.assert_close(td_scaled["next", "reward"], td_unscaled["next", "reward"])
+        td_scaled, td_unscaled = td_scaled["next"], td_unscaled["next"]
+    # A batched env (the evaluation copies) is scaled copy by copy.
+    batched = make_env("Pendulum-v1", seed=3, num_envs=2, scale_actions=True)
+    assert batched.action_spec.space.high.tolist() == [[1.0], [1.0]]
+
+
+class _UnboundedPendulum(PendulumEnv):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.action_space = gymnasium.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+
+
+def test_scale_actions_needs_finite_bounds() -> None:
+    gymnasium.register("UnboundedActions-v0", entry_point=_UnboundedPendulum)
+    try:
+        with pytest.raises(ValueError, match=r"^scale_actions needs finite action bounds to scale to \[-1, 1\]; "
+                                             r"UnboundedActions-v0 has an unbounded \w+ action spec$"):
+            make_env("UnboundedActions-v0", scale_actions=True)
+        make_env("UnboundedActions-v0")  # unscaled, the same task is fine
+    finally:
+        gymnasium.registry.pop("UnboundedActions-v0")
 
 
 def test_batched_dmc_env_runs_separately_seeded_copies() -> None:

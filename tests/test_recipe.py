@@ -465,13 +465,26 @@ def test_resume_restores_the_state_keeps_the_optimizer_settings_and_releases_the
     ("network.encoder=identity", "was trained with network.encoder='mlp', not network.encoder='identity'"),
     ("replay_buffer.size=1000", "holds a replay buffer of 100000 transitions, not replay_buffer.size=1000; resume "
                                 "with replay_buffer.size=100000"),
+    # The buffer's actions are in the agent's space, which scaling changes.
+    ("env.scale_actions=true", "was trained with env.scale_actions=False, not env.scale_actions=True; resume with "
+                               "env.scale_actions=False"),
 ])
-def test_resume_with_other_networks_or_buffer_capacity_is_one_clear_error(smoke_runs, override, message):
+def test_resume_with_other_networks_actions_or_buffer_capacity_is_one_clear_error(smoke_runs, override, message):
     resume = smoke_runs["Pendulum-v1"] / "checkpoints"
     resumed = [*SMOKE, "env.name=Pendulum-v1", "collector.total_frames=400", f"checkpoint.resume={resume}"]
     validate_config(load_config(*resumed))  # as saved: accepted
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(load_config(*resumed, override))
+
+
+def test_env_scale_actions_gives_the_agent_the_unit_box_in_training_and_evaluation():
+    cfg = load_config(*TINY, "env.name=Pendulum-v1", "env.scale_actions=true")
+    validate_config(cfg)
+    for env in make_environment(cfg):
+        assert env.action_spec.space.low.unique().tolist() == [-1.0]
+        assert env.action_spec.space.high.unique().tolist() == [1.0]
+    unscaled, _ = make_environment(load_config(*TINY, "env.name=Pendulum-v1"))
+    assert unscaled.action_spec.space.high.tolist() == [2.0]  # the default: the original's unscaled actions
 
 
 def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(smoke_runs, tmp_path):

@@ -85,6 +85,7 @@ class EnvConfig:
     seed: int = MISSING
     max_episode_steps: int = MISSING
     frame_skip: Optional[int] = MISSING
+    scale_actions: bool = MISSING
     from_pixels: bool = MISSING
     image_size: int = MISSING
     num_frames: int = MISSING
@@ -499,9 +500,13 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
             f"collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
         )
     # What the agent observes and how often it acts; defaults for checkpoints from before these keys existed.
-    for key, default in (("frame_skip", 1), ("from_pixels", False), ("image_size", 84), ("num_frames", 3)):
+    # The replay buffer holds actions in the agent's space, [-1, 1] under env.scale_actions.
+    for key, default in (
+        ("frame_skip", 1), ("scale_actions", False), ("from_pixels", False), ("image_size", 84), ("num_frames", 3)
+    ):
         stored_value = stored["config"]["env"].get(key, default)
-        if stored_value != cfg.env[key] and (key in ("frame_skip", "from_pixels") or cfg.env.from_pixels):
+        applies = key in ("frame_skip", "scale_actions", "from_pixels") or cfg.env.from_pixels  # image keys: pixels
+        if stored_value != cfg.env[key] and applies:
             raise ConfigError(
                 f"{name} was trained with env.{key}={stored_value}, not env.{key}={cfg.env[key]}; resume with "
                 f"env.{key}={stored_value}"
@@ -560,9 +565,11 @@ def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
     """
     image_size = (cfg.env.image_size, cfg.env.image_size) if cfg.env.from_pixels else None
     with naming_config_keys(max_episode_steps="env.max_episode_steps", num_envs="logger.num_eval_episodes",
-                            frame_skip="env.frame_skip", num_frames="env.num_frames"):
+                            frame_skip="env.frame_skip", num_frames="env.num_frames",
+                            scale_actions="env.scale_actions"):
         train_env = make_env(cfg.env.name, seed=cfg.env.seed, max_episode_steps=cfg.env.max_episode_steps,
-                             frame_skip=cfg.env.frame_skip, image_size=image_size)
+                             frame_skip=cfg.env.frame_skip, image_size=image_size,
+                             scale_actions=cfg.env.scale_actions)
         eval_env = make_env(
             cfg.env.name,
             seed=cfg.env.seed + 1,
@@ -570,6 +577,7 @@ def make_environment(cfg: DictConfig) -> tuple[TransformedEnv, TransformedEnv]:
             num_envs=cfg.logger.num_eval_episodes,
             frame_skip=cfg.env.frame_skip,
             image_size=image_size,
+            scale_actions=cfg.env.scale_actions,
         )
         if cfg.env.from_pixels:
             train_env.append_transform(stacked_pixels(cfg.env.num_frames))
@@ -603,6 +611,7 @@ def make_video_env(cfg: DictConfig, logger: Logger | None) -> TransformedEnv | N
         frame_skip=cfg.env.frame_skip,
         **({"image_size": (cfg.env.image_size, cfg.env.image_size)} if pixels else {}),
         fast_render=cfg.logger.video_fast_render and not pixels,
+        scale_actions=cfg.env.scale_actions,
     )
     return video_env.append_transform(stacked_pixels(cfg.env.num_frames)) if pixels else video_env
 
