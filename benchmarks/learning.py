@@ -1,5 +1,5 @@
-"""Learning benchmark on a 2-core CPU: does ALM learn? (estimated 6-7 hours on an idle 2-core Intel Xeon VM, not
-yet measured; see benchmarks/learning.md)
+"""Learning benchmark on a 2-core CPU: does ALM learn? (7.5 hours on the 2-core Intel Xeon VM, measured over nine
+sittings; see benchmarks/learning.md)
 
 Trains ALM with the recipe (``recipes/alm/alm.py``) for 20,000 env frames per run, 3 seeds each: HalfCheetah-v5 at
 the paper's settings (so its curve compares with the published one), twice (the recipe's transition-uniform slice
@@ -8,7 +8,7 @@ with small networks and batch; 12 runs. Then writes the table and figures with `
 plus ``run_info.json`` (how, where and how long it ran). See ``benchmarks/learning.md`` for the settings, their
 calibration, the time estimate and how to read the results.
 
-    python benchmarks/learning.py --reference-dir shared/reference/official-alm-scores   # the benchmark (~6-7 h)
+    python benchmarks/learning.py --reference-dir shared/reference/official-alm-scores   # the benchmark (~7.5 h)
     python benchmarks/learning.py --tasks InvertedPendulum-v5 Pendulum-v1               # the pendulums (~25 min)
     python benchmarks/learning.py --dry-run                                               # print the commands only
     python benchmarks/learning.py --smoke                                                 # ~1-2 min pipeline check in /tmp
