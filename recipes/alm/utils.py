@@ -505,7 +505,8 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
         ("frame_skip", 1), ("scale_actions", False), ("from_pixels", False), ("image_size", 84), ("num_frames", 3)
     ):
         stored_value = stored["config"]["env"].get(key, default)
-        applies = key in ("frame_skip", "scale_actions", "from_pixels") or cfg.env.from_pixels  # image keys: pixels
+        # image_size and num_frames matter only from pixels
+        applies = key in ("frame_skip", "scale_actions", "from_pixels") or cfg.env.from_pixels
         if stored_value != cfg.env[key] and applies:
             raise ConfigError(
                 f"{name} was trained with env.{key}={stored_value}, not env.{key}={cfg.env[key]}; resume with "
