@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluations:
         num_episodes = cfg.logger.num_eval_episodes
         if args.serial_eval:  # one env, one episode after the other, instead of the recipe's side-by-side copies
-            eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps)
+            eval_env = make_env(cfg.env.name, seed=cfg.env.seed + 1, max_episode_steps=cfg.env.max_episode_steps,
+                                frame_skip=cfg.env.frame_skip, scale_actions=cfg.env.scale_actions)
         durations = []
         for _ in range(args.evaluations):
             start = time.perf_counter()

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger = make_logger(cfg)
     video_env = make_video_env(cfg, logger)
     quiet_env = make_env(cfg.env.name, seed=cfg.env.seed + 1 + cfg.logger.num_eval_episodes,
-                         max_episode_steps=cfg.env.max_episode_steps, frame_skip=cfg.env.frame_skip)
+                         max_episode_steps=cfg.env.max_episode_steps, frame_skip=cfg.env.frame_skip,
+                         scale_actions=cfg.env.scale_actions)
     agent = make_alm_agent(cfg, eval_env, torch.device("cpu"))
     policy, max_steps = agent.eval_policy, cfg.env.max_episode_steps
 
