@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from gymnasium.envs.mujoco import MujocoEnv
 from tensordict import TensorDictBase
-from torchrl.data import Bounded, TensorSpec
 from torchrl.envs import (
     ActionScaling,
     CatFrames,
@@ -345,22 +344,16 @@ def make_env(
         auto_unwrap=True,  # a vector env comes wrapped in TorchRL's VecGymEnvTransform: ours go after it, in one env
     )
     if scale_actions:
-        _check_scalable(env_name, env.action_spec)
         env.append_transform(ActionScaling())
+        try:
+            _ = env.action_spec  # ActionScaling checks that every bound is finite when it transforms the spec
+        except RuntimeError as err:
+            raise ValueError(
+                f"scale_actions needs finite action bounds to scale to [-1, 1]; {env_name}: {err}"
+            ) from None
     if seed is not None:
         env.set_seed(seed)
     return env
-
-
-def _check_scalable(env_name: str, action_spec: TensorSpec) -> None:
-    if isinstance(action_spec, Bounded):
-        low, high = action_spec.space.low, action_spec.space.high
-        if bool((low.isfinite() & high.isfinite()).all()):
-            return
-        found = f"bounds {low.tolist()} to {high.tolist()}"
-    else:
-        found = f"an unbounded {type(action_spec).__name__} action spec"
-    raise ValueError(f"scale_actions needs finite action bounds to scale to [-1, 1]; {env_name} has {found}")
 
 
 def _make_gym_env(
