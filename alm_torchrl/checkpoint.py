@@ -344,7 +344,7 @@ class TrainingCheckpoints:
                 f"{manifest_file}: checkpoint format {found!r}; this version of alm_torchrl reads {CHECKPOINT_FORMAT!r}"
             )
         recorded: dict[Path, tuple[int, int]] = {}
-        for name, component in manifest["components"].items():
+        for component in manifest["components"].values():
             directory = checkpoint / component["path"]
             checksums_file = directory / CHECKSUMS
             try:

@@ -148,11 +148,11 @@ def lower_bound_bias(
     """Normalised bias of the lower bound against the Monte-Carlo returns of the evaluation policy (Appendix E).
 
     Runs ``num_episodes`` episodes of ``eval_policy`` under ``ExplorationType.DETERMINISTIC`` (mean action on the
-    policy's latent, sampled or the mean, like :func:`evaluate`), each up to ``max_steps`` steps. In each episode the discounted return
-    ``G_t`` of the rest of the episode is computed at every step (no bootstrap after the last step), and the first
-    ``num_states`` states ``s_0 .. s_{num_states - 1}`` are kept; an episode shorter than ``num_states`` contributes
-    all its states. ``LB(s_t, a_t)`` is :meth:`ALMLoss.lower_bound <alm_torchrl.objectives.ALMLoss.lower_bound>` at those states with the
-    recorded actions as ``a_0``.
+    policy's latent, sampled or the mean, like :func:`evaluate`), each up to ``max_steps`` steps. In each episode the
+    discounted return ``G_t`` of the rest of the episode is computed at every step (no bootstrap after the last step),
+    and the first ``num_states`` states ``s_0 .. s_{num_states - 1}`` are kept; an episode shorter than ``num_states``
+    contributes all its states. ``LB(s_t, a_t)`` is :meth:`ALMLoss.lower_bound
+    <alm_torchrl.objectives.ALMLoss.lower_bound>` at those states with the recorded actions as ``a_0``.
 
     Args:
         env: an env from :func:`alm_torchrl.envs.make_env` (or any env writing the loss's observation, action and

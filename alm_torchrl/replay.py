@@ -137,7 +137,9 @@ def make_replay_buffer(
     if pixels_key is None:
         storage, transform = LazyTensorStorage(size, device=device), None
     else:
-        storage = FrameStackStorage(size, pixels_key=pixels_key, num_frames=num_frames, traj_key=TRAJ_KEY, device=device)
+        storage = FrameStackStorage(
+            size, pixels_key=pixels_key, num_frames=num_frames, traj_key=TRAJ_KEY, device=device
+        )
         transform = storage.rebuild_transform()
     return TensorDictReplayBuffer(
         storage=storage,

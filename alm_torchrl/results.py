@@ -423,7 +423,7 @@ def write_results(
     table = format_markdown(rows, metric)
     (out / "results.md").write_text(table)
     write_csv(rows, out / "results.csv")
-    for task in sorted({task for task, _ in curves}):
+    for task in sorted({curve_task for curve_task, _ in curves}):
         by_variant = {variant: seeds for (curve_task, variant), seeds in curves.items() if curve_task == task}
         plot_task(task, by_variant, metric, figure_path(out, task), references.get(task), full_reference,
                   reference_label)

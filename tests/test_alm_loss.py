@@ -213,9 +213,6 @@ def test_soft_update_moves_encoder_and_critic_targets_by_tau():
             assert not torch.equal(new[key], old[key])
 
 
-
-
-
 def test_set_keys_rejects_unknown_and_resets_defaults():
     loss = tiny_loss()
     with pytest.raises(ValueError, match="not_a_key"):
@@ -502,7 +499,6 @@ def test_swapped_encoder_and_three_critics_train():
     assert last["loss_reward"] < first["loss_reward"]
     assert last["loss_qvalue"] < first["loss_qvalue"]
     assert all(not torch.equal(initial[name], p) for name, p in loss.named_parameters())
-
 
 
 def test_reset_parameters_recursive():

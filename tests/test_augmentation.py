@@ -62,7 +62,8 @@ def test_same_seed_same_shifts_and_entries_shifted_independently():
         return RandomShift(pad=4, generator=torch.Generator().manual_seed(seed))(batch.clone())
 
     first, again, other = shift(0), shift(0), shift(1)
-    assert torch.equal(first["pixels"], again["pixels"]) and torch.equal(first["next", "pixels"], again["next", "pixels"])
+    assert torch.equal(first["pixels"], again["pixels"])
+    assert torch.equal(first["next", "pixels"], again["next", "pixels"])
     assert not torch.equal(first["pixels"], other["pixels"])
     # One shift per image: the steps of a slice, and an observation and its next observation, differ.
     shifts = recovered_shifts(first["pixels"].flatten(0, 1), 4).view(8, 8, 2)

@@ -164,7 +164,6 @@ def test_tensorboard_logs_the_video_natively(tmp_path, monkeypatch):
     assert image.step == 5 and (image.width, image.height) == (16, 16)
 
 
-
 def test_wandb_logs_the_video_natively(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("moviepy")
@@ -178,6 +177,7 @@ def test_wandb_logs_the_video_natively(tmp_path, monkeypatch):
     logger.experiment.finish()
     (video,) = tmp_path.glob("**/files/media/videos/eval/video_*.mp4")
     assert _decode(video).shape[1:] == (32, 32, 3)
+
 
 # ------------------------------------------------------------------------- experiment=dmc/<task> presets and sweeps
 CONFIG_DIR = REPO / "recipes" / "alm"

@@ -249,7 +249,9 @@ def test_bias_is_exact_when_the_bound_is_known(pendulum, horizon, qvalue, expect
             params[LAST_BIAS].fill_(last_bias)
     # 60-step episodes, first 20 states: G_t = 2 (1 - 0.5^(60 - t)) = 2 to float32 precision (reward2go drops
     # discount weights below 1e-7, 2e-7 here).
-    result = lower_bound_bias(env, loss, modules.eval_policy, num_episodes=1, horizon=horizon, max_steps=60, num_states=20)
+    result = lower_bound_bias(
+        env, loss, modules.eval_policy, num_episodes=1, horizon=horizon, max_steps=60, num_states=20
+    )
     assert result["num_states"] == 20
     assert result["mc_return_mean"] == pytest.approx(2.0, abs=1e-6)
     assert result["lower_bound_mean"] == pytest.approx(expected_lower_bound, abs=1e-6)

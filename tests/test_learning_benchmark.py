@@ -153,7 +153,8 @@ def test_a_stopped_run_holds_the_results_back_until_the_sweep_is_continued(learn
     assert learning.main(options) == 0  # the second sitting runs seed 1 only
     assert "(2 ok, 0 stopped, 0 failed)" in capsys.readouterr().out
     assert "| -1000 ± 0 (n=2) | -250 ± 50 (n=2) |" in (results / "results.md").read_text()  # both seeds, 7.5k, 10k
-    seed0_sittings = json.loads((sweep_dir / "Pendulum-v1" / "default" / "seed0" / "benchmark_sittings.json").read_text())
+    seed0_dir = sweep_dir / "Pendulum-v1" / "default" / "seed0"
+    seed0_sittings = json.loads((seed0_dir / "benchmark_sittings.json").read_text())
     assert [sitting["returncode"] for sitting in seed0_sittings] == [0]  # not started again
     info = json.loads((results / "run_info.json").read_text())
     assert [sitting["stopped"] for sitting in info["sittings"]] == [False, False]

@@ -66,7 +66,7 @@ def test_image_spec_gets_drqv2_encoder_and_the_same_other_networks():
     conv = pixels.encoder.module[0].module.net[0]
     assert isinstance(conv, ConvFeatures)
     layers = [layer for layer in conv.convnet if isinstance(layer, nn.Conv2d)]
-    assert [(l.in_channels, l.out_channels, l.kernel_size, l.stride, l.padding) for l in layers] == [
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in layers] == [
         (9, 32, (3, 3), (2, 2), (0, 0))] + [(32, 32, (3, 3), (1, 1), (0, 0))] * 3
     assert [type(layer).__name__ for layer in conv.convnet] == ["Conv2d", "ReLU"] * 4
     # DrQ-v2's 32 x 35 x 35 features for 84x84 images, then its trunk, then ALM's encoder MLP.

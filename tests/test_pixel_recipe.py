@@ -106,4 +106,3 @@ def test_a_pixel_env_is_not_restored_mid_episode():
     pixel_env, _ = make_environment(load_config(*PIXELS, "env.name=InvertedPendulum-v5"))
     assert SimulatorState(state_env).restorable and not SimulatorState(pixel_env).restorable
     assert SimulatorState(pixel_env).state_dict() == {}
-

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDict
 from torchrl.objectives import SoftUpdate
 
 from alm_torchrl.checkpoint import ReplayBufferAdapter, TrainingCheckpoints
@@ -74,7 +74,8 @@ def smoke_runs(tmp_path_factory) -> dict[str, Path]:
 def _restored(checkpoint: Path, *overrides: str) -> tuple[dict, object, object]:
     """A checkpoint loaded into fresh training objects built by the recipe's factories: (metadata, learner, buffer)."""
     cfg = load_config(*TINY, *overrides)
-    learner = make_learner(cfg, make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps), torch.device("cpu"))
+    env = make_env(cfg.env.name, max_episode_steps=cfg.env.max_episode_steps)
+    learner = make_learner(cfg, env, torch.device("cpu"))
     replay_buffer = make_recipe_replay_buffer(cfg, torch.device("cpu"))
     metadata = make_checkpoints(cfg, learner, replay_buffer).load(checkpoint)
     return metadata, learner, replay_buffer
@@ -152,21 +153,21 @@ def test_kill_and_resume_continues_frames_and_buffer(tmp_path):
 
 
 BAD_CONFIGS = [
-        (["env.name=HalfCheeta-v5"], "Unknown environment 'HalfCheeta-v5'"),
-        (["loss.horizon=0"], "loss.horizon must be >= 1"),
-        (["optim.batch_size=0"], "optim.batch_size must be >= 1"),
-        (["loss.horizon=60", "env.max_episode_steps=50"], "loss.horizon=60 is longer than any episode"),
-        (["collector.init_random_frames=2", "loss.horizon=3"], "cannot fill one slice of loss.horizon=3"),
-        (["replay_buffer.size=100", "optim.batch_size=512"], "replay_buffer.size=100 is smaller than one batch"),
-        (["optim.lr=abc"], "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
-        (["replay_buffer.sampling=uniform"],
-         "replay_buffer.sampling must be one of 'transition', 'trajectory', got 'uniform'"),
-        (["logger.eval_latent=mode"], "logger.eval_latent must be 'sample' or 'mean', got 'mode'"),
-        (["loss.lmbda=1.5"], "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.5"),
-        (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
-        (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),
-        pytest.param(["collector.device=cuda"], "CUDA is not available",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
+    (["env.name=HalfCheeta-v5"], "Unknown environment 'HalfCheeta-v5'"),
+    (["loss.horizon=0"], "loss.horizon must be >= 1"),
+    (["optim.batch_size=0"], "optim.batch_size must be >= 1"),
+    (["loss.horizon=60", "env.max_episode_steps=50"], "loss.horizon=60 is longer than any episode"),
+    (["collector.init_random_frames=2", "loss.horizon=3"], "cannot fill one slice of loss.horizon=3"),
+    (["replay_buffer.size=100", "optim.batch_size=512"], "replay_buffer.size=100 is smaller than one batch"),
+    (["optim.lr=abc"], "optim.lr: Value 'abc' of type 'str' could not be converted to Float"),
+    (["replay_buffer.sampling=uniform"],
+     "replay_buffer.sampling must be one of 'transition', 'trajectory', got 'uniform'"),
+    (["logger.eval_latent=mode"], "logger.eval_latent must be 'sample' or 'mean', got 'mode'"),
+    (["loss.lmbda=1.5"], "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.5"),
+    (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
+    (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),
+    pytest.param(["collector.device=cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
 ]
 
 
@@ -495,7 +496,8 @@ def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(smoke_runs, tmp_path
     resumed = [*SMOKE, "env.name=Pendulum-v1", "collector.total_frames=400"]
     # Named, whether the checkpoint or the directory holding it is given.
     for resume in (damaged, manifest.parent):
-        with pytest.raises(ConfigError, match=f"checkpoint.resume='{resume}': {manifest}: .*Invalid checkpoint manifest"):
+        expected = f"checkpoint.resume='{resume}': {manifest}: .*Invalid checkpoint manifest"
+        with pytest.raises(ConfigError, match=expected):
             validate_config(load_config(*resumed, f"checkpoint.resume={resume}"))
 
 

@@ -41,7 +41,8 @@ TESTS = Path(__file__).resolve().parent
 FAULTS = TESTS / "faults.py"
 RECIPE = TESTS.parent / "recipes" / "alm" / "alm.py"
 # 200 frames of HalfCheetah (50-step episodes): 100 random, then 110 updates (from the batch of frame 100 on);
-# evaluations (2 episodes, side by side) and checkpoints every 50 frames; one torch thread, as bitwise comparisons need a fixed thread count.
+# evaluations (2 episodes, side by side) and checkpoints every 50 frames; one torch thread, as bitwise comparisons need
+# a fixed thread count.
 RUN = [*(override for override in TINY_RECIPE if not override.startswith("logger.num_eval_episodes")),
        "logger.num_eval_episodes=2", "env.name=HalfCheetah-v5", "collector.total_frames=200", "logger.eval_iter=50",
        "checkpoint.interval=50", "replay_buffer.size=1000", "compile.num_threads=1"]

@@ -292,4 +292,3 @@ def test_command_line_module(tmp_path):
 def test_docstring_examples():
     result = doctest.testmod(alm_torchrl.results)
     assert result.attempted > 0 and result.failed == 0
-

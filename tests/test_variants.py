@@ -120,7 +120,8 @@ def test_alm_ent_adds_the_entropy_bonus_to_the_imagined_rewards():
         torch.manual_seed(3)
         outputs[coef] = _ent_loss(coef)(batch)
     assert "actor_entropy" in outputs[0.5].keys() and "actor_entropy" not in outputs[0.0].keys()
-    torch.testing.assert_close(outputs[0.5]["loss_actor"], outputs[0.0]["loss_actor"] - 0.5 * outputs[0.5]["actor_entropy"])
+    expected = outputs[0.0]["loss_actor"] - 0.5 * outputs[0.5]["actor_entropy"]
+    torch.testing.assert_close(outputs[0.5]["loss_actor"], expected)
     torch.testing.assert_close(outputs[0.5]["loss_model"], outputs[0.0]["loss_model"])
 
 
@@ -281,7 +282,9 @@ def test_logger_backend_without_its_package_is_one_clear_error(monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args)
+    )
     with pytest.raises(ConfigError, match="^logger.backend='wandb' needs the wandb package: pip install wandb$"):
         validate_config(_config("logger.backend=wandb"))
 

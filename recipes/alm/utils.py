@@ -68,7 +68,9 @@ from alm_torchrl.video import MP4CSVLogger, make_video_env as make_recording_env
 
 RECIPE_DIR = Path(__file__).resolve().parent
 # TorchRL's logger backends (torchrl.record.loggers.get_logger) and the package each needs beyond torchrl.
-LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+LOGGER_PACKAGES = {
+    "csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"
+}
 # The backends that take logger.video=true, and the module (and requirement) each encodes videos with: PyAV writes the
 # CSV logger's mp4 files where torchcodec cannot (alm_torchrl.video); TensorBoard imports moviepy.editor (moviepy < 2).
 VIDEO_ENCODERS = {"csv": ("av", "av"), "tensorboard": ("moviepy.editor", "moviepy<2"), "wandb": ("moviepy", "moviepy")}
@@ -261,7 +263,8 @@ def compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
     failure = torch_compile_failure(device.type)
     if failure is not None:
         _say_once(f"alm.py: compile.compile={cfg.compile.compile}: torch.compile does not work here, running eager "
-                  f"({failure}; on the CPU it needs a C++ compiler and Python's headers, e.g. apt install g++ python3-dev)")
+                  f"({failure}; on the CPU it needs a C++ compiler and Python's headers, "
+                  "e.g. apt install g++ python3-dev)")
     return failure is None
 
 
