@@ -43,7 +43,7 @@ from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import CatFrames, Compose, EnvBase, InitTracker, TransformedEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import cpu_model, gflop_per_call, synchronize, torchrl_logs_to_stderr  # noqa: E402
+from update_speed import cpu_model, synchronize, torchrl_logs_to_stderr, work_per_call  # noqa: E402
 
 from alm_torchrl.replay import TRAJ_KEY, make_replay_buffer, sample_slices  # noqa: E402
 from alm_torchrl.transforms import RandomShift  # noqa: E402
@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
             "updates_timed": len(durations),
         })
         if args.count_flops:
-            result["gflop_per_update"] = gflop_per_call(
-                lambda: learner.update(shift(sample_slices(replay_buffer, batch_size, horizon))), calls=2
-            )
+            # The work only: from pixels most of it is in convolutions, which the matmul figures leave out.
+            result["gflop_per_update"] = work_per_call(
+                lambda: learner.update(shift(sample_slices(replay_buffer, batch_size, horizon))), calls=2, on_cpu=False
+            )["gflop_per_update"]
     result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result))
     return result

@@ -37,7 +37,7 @@ import torch
 from alm_torchrl.runtime import configure_cpu_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import cpu_model, gflop_per_call, update_timings  # noqa: E402  (benchmarks/ is not a package)
+from update_speed import cpu_model, update_timings, work_per_call  # noqa: E402  (benchmarks/ is not a package)
 
 # The sizes of the fixed-cost regime (--tiny, also update_speed.py --tiny): the arithmetic takes microseconds, so what is
 # timed is Python, tensor-library and dispatch overhead.
@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-malloc", action="store_true",
                         help="apply this project's malloc tuning (configure_cpu_runtime) to the original too")
     parser.add_argument("--count-flops", action="store_true",
-                        help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
+                        help="also report gflop_per_update, as torch.profiler counts it over 3 updates, "
+                             "and the matrix multiplies' time against the machine's fp32 rate")
     parser.add_argument("--tiny", action="store_true",
                         help="the fixed-cost regime: latent 8, hidden 32, model hidden 32, batch 16 (update_speed.py --tiny)")
     parser.add_argument("--seed", type=int, default=0)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.count_flops:
         next_step = args.warmup_updates + args.updates + 1
-        result["gflop_per_update"] = gflop_per_call(lambda: agent.update(next_step))
+        result.update(work_per_call(lambda: agent.update(next_step)))
     print(json.dumps(result))
     return result
 

@@ -17,7 +17,8 @@ with the recipe's random warm-up, then reports, as one JSON line on stdout:
 - evaluation, as the recipe runs it (``logger.num_eval_episodes`` mean-action episodes side by side): ``eval_s`` for
   one, with ``eval_episode_length_mean``; and the whole recipe with it, ``end_to_end_frames_per_s``: the loop's time
   per frame plus one evaluation every ``logger.eval_iter`` frames;
-- with ``--count-flops``: ``gflop_per_update``, the work ``torch.profiler`` counts in one update;
+- with ``--count-flops``: ``gflop_per_update``, the work ``torch.profiler`` counts in one update, and on the CPU how
+  long its matrix multiplies take against the machine's fp32 rate (:func:`work_per_call`);
 - with ``--profile N``: ``profile``, where the time of N updates goes as Python's profiler sees it (see
   :func:`profile_breakdown`; under the profiler an update takes about twice as long);
 - memory: ``bytes_per_transition`` of the replay storage, ``buffer_capacity`` and the process's peak resident set
@@ -102,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile N updates with cProfile and report where their time goes")
     parser.add_argument("--count-flops", action="store_true",
-                        help="also report gflop_per_update, as torch.profiler counts it over 3 updates")
+                        help="also report gflop_per_update, as torch.profiler counts it over 3 updates, "
+                             "and the matrix multiplies' time against the machine's fp32 rate")
     parser.add_argument("--tiny", action="store_true",
                         help="the fixed-cost regime: latent 8, hidden 32, model hidden 32, batch 16 (as "
                              "reference_update_speed.py --tiny)")
@@ -176,12 +178,51 @@ def update_timings(durations: list[float], sample_durations: list[float]) -> dic
     }
 
 
-def gflop_per_call(fn: Callable[[], object], calls: int = 3) -> float:
-    """The floating-point work of one call of ``fn``, as ``torch.profiler`` counts it (GEMMs and a few other ops)."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # inductor calls these for its GEMMs too
+
+
+def fp32_matmul_gflop_per_s(rows: int = 2048, size: int = 1024, repeats: int = 20) -> float:
+    """The machine's fp32 matrix-multiply rate on torch's current threads: the median of ``repeats`` products of a
+    ``[rows, size]`` by a ``[size, size]`` matrix (the paper-size world model's hidden layer over 2048 rows)."""
+    left, right = torch.randn(rows, size), torch.randn(size, size)
+    for _ in range(3):
+        left @ right
+    durations = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        left @ right
+        durations.append(time.perf_counter() - start)
+    return 2 * rows * size * size / statistics.median(durations) / 1e9
+
+
+def work_per_call(fn: Callable[[], object], calls: int = 3, on_cpu: bool = True) -> dict[str, float]:
+    """The floating-point work of one call of ``fn`` as ``torch.profiler`` counts it (GEMMs and a few other ops):
+    ``gflop_per_update``. On the CPU also its matrix multiplies against the machine's fp32 floor:
+    ``matmul_gflop_per_update``, ``matmul_ms_per_update`` (their own time under the profiler, out of
+    ``profiled_ms_per_update``, a whole call's), the rate they ran at (``matmul_gflop_per_s``), the rate of one large
+    product (:func:`fp32_matmul_gflop_per_s`) and what that work would take at that rate
+    (``matmul_floor_ms_per_update``): the part of an update no fp32 implementation can cut."""
     with torch.profiler.profile(with_flops=True) as profile:
+        start = time.perf_counter()
         for _ in range(calls):
             fn()
-    return sum(event.flops for event in profile.key_averages()) / calls / 1e9
+        seconds_per_call = (time.perf_counter() - start) / calls
+    events = profile.key_averages()
+    result = {"gflop_per_update": sum(event.flops for event in events) / calls / 1e9}
+    if on_cpu:
+        matmuls = [event for event in events if event.key in MATMUL_OPS]
+        gflop = sum(event.flops for event in matmuls) / calls / 1e9
+        seconds = sum(event.self_cpu_time_total for event in matmuls) / 1e6 / calls
+        floor_rate = fp32_matmul_gflop_per_s()
+        result.update(
+            profiled_ms_per_update=1000 * seconds_per_call,
+            matmul_gflop_per_update=gflop,
+            matmul_ms_per_update=1000 * seconds,
+            matmul_gflop_per_s=gflop / seconds if seconds else 0.0,
+            fp32_matmul_gflop_per_s=floor_rate,
+            matmul_floor_ms_per_update=1000 * gflop / floor_rate,
+        )
+    return result
 
 
 # Where an update's time goes, two views: the cumulative time under a few functions (what each step costs with
@@ -339,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["profile"] = profile_breakdown(lambda: update(next(training_batches)), args.profile)
 
     if args.count_flops:
-        result["gflop_per_update"] = gflop_per_call(lambda: update(next(training_batches)))
+        result.update(work_per_call(lambda: update(next(training_batches)), on_cpu=device.type == "cpu"))
 
     # The whole loop, as the recipe runs it after the warm-up: collect, store, then utd_ratio updates per frame.
     if args.loop_frames:

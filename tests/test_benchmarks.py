@@ -44,6 +44,14 @@ def test_update_speed_reports_the_required_fields(capsys):
         1 / result["loop_frames_per_s"] + result["eval_s"] / 5000)
     # Tiny networks (hidden 16, latent 4, batch 8): about 0.6 MFLOP per update, mostly GEMMs.
     assert 1e-4 < result["gflop_per_update"] < 1e-2
+    # Its matrix multiplies are most of that work; at the machine's fp32 rate they would take microseconds.
+    assert 0.5 * result["gflop_per_update"] < result["matmul_gflop_per_update"] <= result["gflop_per_update"]
+    assert 0 < result["matmul_ms_per_update"] < result["profiled_ms_per_update"]
+    assert result["matmul_gflop_per_s"] == pytest.approx(
+        result["matmul_gflop_per_update"] / result["matmul_ms_per_update"] * 1000)
+    assert result["fp32_matmul_gflop_per_s"] > 1
+    assert result["matmul_floor_ms_per_update"] == pytest.approx(
+        1000 * result["matmul_gflop_per_update"] / result["fp32_matmul_gflop_per_s"])
     # obs and next obs (17 float32 each), action (6), reward; done, terminated (bool); the trajectory id and
     # the "index" entry TorchRL's TensorDictReplayBuffer writes (int64).
     assert result["bytes_per_transition"] == 4 * (17 + 17 + 6 + 1) + 1 + 1 + 8 + 8
@@ -54,7 +62,9 @@ def test_update_speed_prints_nothing_but_its_json_line_on_stdout():
     script = Path(update_speed.__file__)
     command = [sys.executable, str(script), "--updates", "2", "--warmup-updates", "1", "--collector-frames", "10",
                "--loop-frames", "0", "--evaluations", "0", "--batch-size", "8", *TINY_RECIPE]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 1, lines[:-1]
@@ -221,7 +231,8 @@ def test_update_speed_takes_compile_alone_as_true():
     "script, argv, message",
     [
         (update_speed, ["--updates", "1"], "--updates must be >= 2, got 1"),
-        (reference_update_speed, ["--reference-dir", ".", "--explore-steps", "3"], "--explore-steps must be >= 4, got 3"),
+        (reference_update_speed, ["--reference-dir", ".", "--explore-steps", "3"],
+         "--explore-steps must be >= 4, got 3"),
         (fixed_cost, ["--reference-dir", ".", "--blocks", "1"], "--blocks must be >= 2, got 1"),
         (fixed_cost, ["--reference-dir", ".", "--variants", "eager"],
          "--variants must name the original and at least one of ours, got eager"),
