@@ -348,6 +348,7 @@ def make_env(
         try:
             _ = env.action_spec  # ActionScaling checks that every bound is finite when it transforms the spec
         except RuntimeError as err:
+            env.close()
             raise ValueError(
                 f"scale_actions needs finite action bounds to scale to [-1, 1]; {env_name}: {err}"
             ) from None
