@@ -11,7 +11,7 @@ calibration, the time estimate and how to read the results.
     python benchmarks/learning.py --reference-dir shared/reference/official-alm-scores   # the benchmark (~7.5 h)
     python benchmarks/learning.py --tasks InvertedPendulum-v5 Pendulum-v1               # the pendulums (~25 min)
     python benchmarks/learning.py --dry-run                                               # print the commands only
-    python benchmarks/learning.py --smoke                                                 # ~1-2 min pipeline check in /tmp
+    python benchmarks/learning.py --smoke                                                 # pipeline check, ~1-2 min
     python benchmarks/learning.py --suite dmc     # DMC tasks instead (docs/results/dmc_small_scale/README.md)
 
 Each run is one recipe process (one torch thread: ``OMP_NUM_THREADS=1``), ``--jobs`` of them at a time, in
@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "alm" / "alm.py"
 
 DEFAULT_TASKS = ("HalfCheetah-v5", "InvertedPendulum-v5", "Pendulum-v1")  # longest first
-# What every run shares. Everything else is the recipe's default, i.e. the paper's (Tables 3-4): horizon 3, lr 1e-4, UTD 1, gamma 0.99, tau 0.005, slice starts uniform over transitions, evaluation of the
-# mean action on a sampled latent, 10 frames per collector batch.
+# What every run shares. Everything else is the recipe's default, i.e. the paper's (Tables 3-4): horizon 3, lr 1e-4,
+# UTD 1, gamma 0.99, tau 0.005, slice starts uniform over transitions, evaluation of the mean action on a sampled
+# latent, 10 frames per collector batch.
 BENCHMARK = {
     "collector.init_random_frames": 5000,  # the paper's warm-up (the recipe's default), also the released curve's
     "logger.eval_iter": 2500,  # 8 evaluations: 2.5k, 5k (untrained: 0 and 10 updates), 7.5k, ..., 20k
@@ -172,8 +173,8 @@ def machine_info() -> dict:
     except (OSError, IndexError, ValueError):
         pass
     versions = subprocess.run(
-        [sys.executable, "-c", "import json, torch, torchrl, tensordict, gymnasium, mujoco; print(json.dumps({m.__name__:"
-         " m.__version__ for m in (torch, torchrl, tensordict, gymnasium, mujoco)}))"],
+        [sys.executable, "-c", "import json, torch, torchrl, tensordict, gymnasium, mujoco; "
+         "print(json.dumps({m.__name__: m.__version__ for m in (torch, torchrl, tensordict, gymnasium, mujoco)}))"],
         capture_output=True, text=True, check=False)
     if versions.returncode == 0:
         info["versions"] = json.loads(versions.stdout)
@@ -194,7 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-runs", type=Path, default=None,
                         help="parent folder of the run dirs; each invocation adds a <date_time>/ folder "
-                             "(default: multirun/learning_benchmark, ignored by git; smoke: /tmp/alm_learning_smoke/runs)")
+                             "(default: multirun/learning_benchmark, ignored by git; "
+                             "smoke: /tmp/alm_learning_smoke/runs)")
     parser.add_argument("--results", type=Path, default=None,
                         help="folder for results.md/.csv, <task>.png, run_info.json "
                              "(default: docs/results/learning_20k; smoke: /tmp/alm_learning_smoke/results)")
@@ -351,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             done += 1
             status = ("ok" if job.returncode == 0 else "stopped by a signal, checkpointed" if job.stopped
                       else f"FAILED (exit {job.returncode}, see {job.run_dir}/stdout.log)")
-            print(f"[{done}/{len(jobs)} at {(time.monotonic() - start) / 60:.1f} min] {job.task} {job.variant} seed {job.seed}: "
-                  f"{status} in {job.wall_s:.0f} s | {job.last_line[-100:]}", flush=True)
+            print(f"[{done}/{len(jobs)} at {(time.monotonic() - start) / 60:.1f} min] {job.task} {job.variant} "
+                  f"seed {job.seed}: {status} in {job.wall_s:.0f} s | {job.last_line[-100:]}", flush=True)
     except KeyboardInterrupt:
         stopping.set()  # no further run starts
         pool.shutdown(wait=False, cancel_futures=True)
@@ -381,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_wall_min": round(sum(sitting["wall_s"] for sitting in sittings) / 60, 1),
         "sittings": sittings,  # this invocation and earlier ones of the same --sweep-dir
         "load_average_at_end": os.getloadavg(),
-        "runs": [{"task": job.task, "variant": job.variant, "seed": job.seed, "run_dir": str(job.run_dir), "wall_s": job.wall_s,
-                  "returncode": job.returncode, "last_line": job.last_line} for job in jobs],
+        "runs": [{"task": job.task, "variant": job.variant, "seed": job.seed, "run_dir": str(job.run_dir),
+                  "wall_s": job.wall_s, "returncode": job.returncode, "last_line": job.last_line} for job in jobs],
     })
     print(f"all runs done in {sitting_wall / 60:.1f} min ({len(finished)} ok, {len(stopped)} stopped, "
           f"{len(failed)} failed)", flush=True)

@@ -20,7 +20,7 @@ depends on the sizes only.
 
 Examples::
 
-    python benchmarks/pixel_update.py                               # DrQ-v2's sizes: 84x84, 3 frames, batch 256, 32 channels
+    python benchmarks/pixel_update.py                               # DrQ-v2's: 84x84, 3 frames, batch 256, 32 channels
     python benchmarks/pixel_update.py --cpu-size                    # the reduced CPU size (64x64, batch 64)
     python benchmarks/pixel_update.py --buffer-size 100000 --updates 0   # the memory of a 100k-transition buffer
     python benchmarks/pixel_update.py --device cuda --updates 20    # on a GPU

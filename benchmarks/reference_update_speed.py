@@ -39,11 +39,11 @@ from alm_torchrl.runtime import configure_cpu_runtime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from update_speed import cpu_model, update_timings, work_per_call  # noqa: E402  (benchmarks/ is not a package)
 
-# The sizes of the fixed-cost regime (--tiny, also update_speed.py --tiny): the arithmetic takes microseconds, so what is
-# timed is Python, tensor-library and dispatch overhead.
+# The sizes of the fixed-cost regime (--tiny, also update_speed.py --tiny): the arithmetic takes microseconds, so what
+# is timed is Python, tensor-library and dispatch overhead.
 TINY_SIZES = {"latent_dims": 8, "hidden_dims": 32, "model_hidden_dims": 32, "batch_size": 16}
 # The original's cfgs/agent/alm.yaml (paper settings).
-ORIGINAL_AGENT_CONFIG = dict(
+ORIGINAL_AGENT_CONFIG = dict(  # noqa: C408  (keywords, as the original's YAML keys read)
     env_buffer_size=100_000,
     gamma=0.99,
     tau=0.005,
@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also report gflop_per_update, as torch.profiler counts it over 3 updates, "
                              "and the matrix multiplies' time against the machine's fp32 rate")
     parser.add_argument("--tiny", action="store_true",
-                        help="the fixed-cost regime: latent 8, hidden 32, model hidden 32, batch 16 (update_speed.py --tiny)")
+                        help="the fixed-cost regime: latent 8, hidden 32, model hidden 32, batch 16 "
+                             "(update_speed.py --tiny)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # p10 and p90 need two timings; the original's sequence sampler needs more stored steps than seq_len (3).

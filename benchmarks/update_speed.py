@@ -267,7 +267,7 @@ def storage_bytes_per_transition(replay_buffer) -> int:
 
 
 def fill_buffer(replay_buffer, example: TensorDict, traj_len: int) -> None:
-    """Write synthetic transitions (copies of ``example`` rows) until the buffer is full, in episodes of ``traj_len``."""
+    """Write synthetic transitions (copies of ``example`` rows) until the buffer is full, in ``traj_len`` episodes."""
     capacity = replay_buffer.storage.max_size
     chunk = example.reshape(-1)[:1].expand(traj_len).clone()
     next_id = int(replay_buffer.storage[: len(replay_buffer)].get(TRAJ_KEY).max()) + 1

@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         times["eval_s"].append(timed(lambda: evaluate(eval_env, policy, cfg.logger.num_eval_episodes, max_steps))[0])
         seconds, recorded = timed(lambda: evaluate(video_env, policy, 1, max_steps))
         times["video_episode_s"].append(seconds)
-        times["encode_s"].append(timed(lambda: video_env.transform.dump(step=repeat))[0])
+        times["encode_s"].append(timed(partial(video_env.transform.dump, step=repeat))[0])
         times["episode_without_rendering_s"].append(timed(lambda: evaluate(quiet_env, policy, 1, max_steps))[0])
     result = {key: round(statistics.median(values), 3) for key, values in times.items()}
     result["video_s"] = round(result["video_episode_s"] + result["encode_s"], 3)
