@@ -208,9 +208,10 @@ def make_update(
     checked before every step (``check_every`` must then be 1). A CUDA graph cannot branch on a value, so
     ``cudagraphs`` needs the fused optimizer.
 
-    ``compile`` wraps the step in ``torch.compile`` (TorchRL's ``compile_with_warmup``, one eager warm-up call), with
-    ``backward()`` traced into the graph (dynamo's ``trace_autograd_ops``, torch >= 2.11). That traced backward would
-    skip backward hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with
+    ``compile`` wraps the gradient pass (losses, backward, clipping) in ``torch.compile`` (TorchRL's
+    ``compile_with_warmup``, one eager warm-up call), with ``backward()`` traced into the graph (dynamo's
+    ``trace_autograd_ops``, torch >= 2.11); the optimizer step and the target update run eagerly after it. That traced
+    backward would skip backward hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with
     a warning.
     ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be built with
     ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
@@ -265,23 +266,28 @@ def make_update(
         nonfinite_counts.zero_()
         raise NonFiniteGradientError(group_names[bad], norm, skipped_updates=count if skipped else 0)
 
-    def full_step(batch: TensorDictBase) -> TensorDictBase:
-        metrics = gradient_pass(batch)
-        parameter_pass()
-        return metrics
-
-    # A fused optimizer needs no host check between the two passes, so the whole step (losses, backward, clipping,
-    # optimizer, target update) is one function to compile or graph; any other one is checked before stepping.
-    step = full_step if skips_on_device else gradient_pass
+    # Only the gradient pass is compiled. The fused optimizer step breaks dynamo's graph anyway (torch runs it
+    # eagerly), and a graph break inside a compiled function makes dynamo trace that function a second time, up to
+    # the break: about 40 s more at every start-up at the paper's sizes.
+    gradient_step = gradient_pass
     if compile:
-        step = _compiled_or_eager(
-            step,
+        gradient_step = _compiled_or_eager(
+            gradient_pass,
             compile_mode,
             on_failure=lambda: optimizer.zero_grad(set_to_none=True),
             hooked=_backward_hook_check(
                 list(loss.modules()), [param for group in optimizer.param_groups for param in group["params"]]
             ),
         )
+
+    def full_step(batch: TensorDictBase) -> TensorDictBase:
+        metrics = gradient_step(batch)
+        parameter_pass()
+        return metrics
+
+    # A fused optimizer needs no host check between the two passes, so the whole step (losses, backward, clipping,
+    # optimizer, target update) is one function to graph; any other one is checked before stepping.
+    step = full_step if skips_on_device else gradient_step
     if cudagraphs:
         step = CudaGraphModule(step, in_keys=[], out_keys=[], warmup=5)
 

@@ -62,6 +62,7 @@ def test_compiled_update_equals_sequential_update():
                          compile=True)
     # Inductor draws random numbers its own way unless told to use eager's generator. torch's own patch, not
     # pytest's monkeypatch, whose undo deletes the option and breaks every later compilation in the session.
+    torch._dynamo.utils.counters.clear()
     with torch._inductor.config.patch(fallback_random=True):
         for step in range(3):  # the first call runs eagerly (warm-up), the next ones compiled
             batch = slice_batch(seed=10 + step)
@@ -70,6 +71,8 @@ def test_compiled_update_equals_sequential_update():
             torch.manual_seed(step)
             update(batch)
         assert_same_state(reference, fast)
+        # A graph break inside the compiled pass would make dynamo trace it twice at every start-up.
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
         # The compiled backward is traced, and a traced backward skips backward hooks: while one is registered, the
         # update runs eagerly (said once), and the hook runs.
         critic_weight = next(iter(fast.qvalue_network_params.values(True, True)))
