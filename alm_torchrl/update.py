@@ -211,8 +211,8 @@ def make_update(
     ``compile`` wraps the gradient pass (losses, backward, clipping) in ``torch.compile`` (TorchRL's
     ``compile_with_warmup``, one eager warm-up call), with ``backward()`` traced into the graph (dynamo's
     ``trace_autograd_ops``, torch >= 2.11); the optimizer step and the target update run eagerly after it. That traced
-    backward would skip backward hooks, so while one is registered on the loss's parameters or modules the update runs eagerly, with
-    a warning.
+    backward would skip backward hooks, so while one is registered on the loss's parameters or modules the update runs
+    eagerly, with a warning.
     ``cudagraphs`` records the whole step as a CUDA graph (``CudaGraphModule``; the optimizer must be built with
     ``capturable=True``). Both follow TorchRL's ``sota-implementations``.
     """
