@@ -60,9 +60,9 @@ def test_compiled_update_equals_sequential_update():
     reference_targets = SoftUpdate(reference, tau=TAU)
     update = make_update(fast, make_optimizer(fast, LR), make_target_updater(fast, tau=TAU), MAX_GRAD_NORM,
                          compile=True)
+    torch._dynamo.utils.counters.clear()
     # Inductor draws random numbers its own way unless told to use eager's generator. torch's own patch, not
     # pytest's monkeypatch, whose undo deletes the option and breaks every later compilation in the session.
-    torch._dynamo.utils.counters.clear()
     with torch._inductor.config.patch(fallback_random=True):
         for step in range(3):  # the first call runs eagerly (warm-up), the next ones compiled
             batch = slice_batch(seed=10 + step)
