@@ -585,16 +585,23 @@ class ALMLoss(LossModule):
         eager mode each parameter set is swapped into its own copy of the module once and kept:
         the copies hold the parameters' own tensors (the optimizer's in-place steps reach them)
         and are cached with the detached parameters, so they are dropped and rebuilt with them
-        when the loss is moved (``LossModule._erase_cache``). Under ``torch.compile`` the
-        parameters are swapped into the shared module and left there, which traces to fewer
-        side effects than swapping back after each call.
+        when the loss is moved (``LossModule._erase_cache``).
+
+        Under ``torch.compile`` the copies an eager call made are read, not made: a compiled
+        call then changes no module, so the guards of its graph hold at the next call. Without
+        them (no eager call since the loss was built or moved) the parameters are swapped into
+        the shared module and left there, which traces to fewer side effects than swapping back;
+        the shared module then holds other tensors after the call than before it, so dynamo
+        compiles the loss once more at the next call.
         """
         compiling = torch.compiler.is_compiling()
-        if not compiling:
+        key = (network, kind, critic)
+        if compiling:
+            cache = self.__dict__.get("_cache", {})
+        else:
             cache = self.__dict__.setdefault("_cache", {})
-            key = (network, kind, critic)
-            if key in cache:
-                return cache[key]
+        if key in cache:
+            return cache[key]
         params = self._params(network, kind)
         if critic is not None:
             params = params[critic]

@@ -65,14 +65,15 @@ def test_compiled_update_equals_sequential_update():
     # pytest's monkeypatch, whose undo deletes the option and breaks every later compilation in the session.
     with torch._inductor.config.patch(fallback_random=True):
         for step in range(3):  # the first call runs eagerly (warm-up), the next ones compiled
-            batch = slice_batch(seed=10 + step)
             torch.manual_seed(step)
-            sequential_update(reference, optimizers, reference_targets, batch)
+            sequential_update(reference, optimizers, reference_targets, slice_batch(seed=10 + step))
             torch.manual_seed(step)
-            update(batch)
+            update(slice_batch(seed=10 + step))  # a batch as the sampler gives it (the loss writes its priority)
         assert_same_state(reference, fast)
-        # A graph break inside the compiled pass would make dynamo trace it twice at every start-up.
+        # A graph break inside the compiled pass would make dynamo trace it twice at every start-up, and so would a
+        # guard that the first compiled call breaks for the next one.
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
         # The compiled backward is traced, and a traced backward skips backward hooks: while one is registered, the
         # update runs eagerly (said once), and the hook runs.
         critic_weight = next(iter(fast.qvalue_network_params.values(True, True)))
