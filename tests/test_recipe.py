@@ -335,9 +335,13 @@ def test_compile_also_compiles_the_behaviour_policy_of_the_collector():
     learner = make_learner(cfg, env, torch.device("cpu"))
     collector = make_collector(cfg, env, learner.agent.policy, torch.device("cpu"))
     assert collector.compiled_policy and not collector.cudagraphed_policy
+    torch._dynamo.utils.counters.clear()
     batches = list(collector)  # 10 random frames, then 30 from the compiled policy
     collector.shutdown()
     assert len(batches) == 4 and all(batch["action"].abs().max() <= 2.0 for batch in batches)
+    # Compiled once: the policy's input gains the policy's own outputs after its first step, which a graph compiled
+    # on the first step's input would not accept (dynamo would trace the policy again at every start-up).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
     assert batches[-1]["latent"].shape == (10, 4)  # the policy's own outputs reach the stored batch
 
 

@@ -792,6 +792,9 @@ def make_collector(cfg: DictConfig, env: EnvBase, policy: Callable, device: torc
     replay it as a CUDA graph, as TorchRL's ``sota-implementations`` do.
     """
     frame_skip = cfg.env.frame_skip
+    # Two eager calls before compiling the policy, not TorchRL's one: the input keeps changing keys until then (it
+    # picks up the policy's own outputs of the step before), and a graph compiled on the earlier keys would be traced
+    # again at the next call, about 2 s more at every start-up.
     return Collector(
         env,
         policy,
@@ -801,7 +804,7 @@ def make_collector(cfg: DictConfig, env: EnvBase, policy: Callable, device: torc
         env_device="cpu",
         policy_device=device,
         storing_device=device,
-        compile_policy={"mode": cfg.compile.compile_mode, "warmup": 1} if compile_enabled(cfg, device) else False,
+        compile_policy={"mode": cfg.compile.compile_mode, "warmup": 2} if compile_enabled(cfg, device) else False,
         cudagraph_policy={"warmup": 10} if cfg.compile.cudagraphs else False,
     )
 
