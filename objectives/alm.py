@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
-from copy import deepcopy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,14 +55,56 @@ def _kl_divergence(p: d.Distribution, q: d.Distribution) -> torch.Tensor:
 
 def _check_number(
     name: str, value, valid: Callable[[float], bool], expected: str
-) -> None:
-    """Raises a ``ValueError`` naming ``name`` unless ``value`` is a number and ``valid(value)``."""
+) -> float:
+    """``value`` as a float, checked.
+
+    Raises a ``ValueError`` naming ``name`` unless ``value`` is a real number (a Python or
+    numpy scalar, or a one-element tensor) for which ``valid`` holds.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     if (
         isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not valid(value)
+        or not isinstance(value, numbers.Real)
+        or not valid(float(value))
     ):
         raise ValueError(f"{name} must be a number {expected}, got {value!r}.")
+    return float(value)
+
+
+class _NetworkCall:
+    """A ``with`` block in which ``module`` holds other parameters.
+
+    They are put in ``slots`` (``(table, name, tensor)``, see ``ALMLoss._parameter_slots``)
+    or, without them, in through ``params.to_module``. The module's own parameters are back
+    in place after the block.
+    """
+
+    __slots__ = ("module", "slots", "params", "own")
+
+    def __init__(
+        self,
+        module: TensorDictModuleBase,
+        slots: list[tuple[dict, str, torch.Tensor]] | None,
+        params: TensorDictBase | None,
+    ) -> None:
+        self.module, self.slots, self.params = module, slots, params
+
+    def __enter__(self) -> TensorDictModuleBase:
+        if self.slots is None:
+            self.own = self.params.to_module(self.module, return_swap=True)
+        else:
+            self.own = [table[name] for table, name, _ in self.slots]
+            for table, name, tensor in self.slots:
+                table[name] = tensor
+        return self.module
+
+    def __exit__(self, *exc_info) -> None:
+        if self.slots is None:
+            self.own.to_module(self.module, return_swap=False)
+        else:
+            for (table, name, _), tensor in zip(self.slots, self.own):
+                table[name] = tensor
 
 
 @dataclass
@@ -112,7 +154,10 @@ class ALMLoss(LossModule):
     parameters; one :class:`~torchrl.objectives.SoftUpdate` (tau=0.005 in the paper) moves both.
 
     The single-transition losses (reward, classifier, critic, actor) use the first transition
-    of each slice, so one ``[B, K]`` batch serves the whole update.
+    of each slice, so one ``[B, K]`` batch serves the whole update. Each slice must lie within
+    one trajectory (as :class:`~torchrl.data.replay_buffers.SliceSampler` draws them): the
+    model loss reads all K steps, while masks (``("collector", "mask")``) and priority weights
+    are read at each slice's first step and weigh the slice's losses as a whole.
 
     Args:
         encoder (ProbabilisticTensorDictSequential): maps ``observation`` to a distribution over
@@ -143,8 +188,8 @@ class ALMLoss(LossModule):
         actor_std (float, optional): std of the Gaussian noise added to the actor's mean when
             actions are sampled inside the losses. Schedulable: ``loss.actor_std = 0.5`` writes
             in place. ALM moves it along the exploration schedule (1.0 to 0.1). Defaults to ``1.0``.
-        noise_clip (float, optional): the noise is clipped to ``[-noise_clip, noise_clip]``.
-            Defaults to ``0.3``.
+        noise_clip (float or None, optional): the noise is clipped to
+            ``[-noise_clip, noise_clip]``; ``None`` leaves it unclipped. Defaults to ``0.3``.
         reduction (str, optional): ``"none"`` | ``"mean"`` | ``"sum"``. With ``"none"`` every
             loss has one entry per slice (shape ``[B]``). Defaults to ``"mean"``.
         deactivate_vmap (bool, optional): replace the vmap over critics by a Python loop.
@@ -181,6 +226,7 @@ class ALMLoss(LossModule):
         >>> from torchrl.data import Bounded
         >>> from torchrl.modules import MLP, Actor, IndependentNormal
         >>> from torchrl.objectives import SoftUpdate
+        >>> from alm_torchrl.objectives import ALMLoss
         >>> n_obs, n_act, n_lat, B, K = 4, 2, 3, 8, 3
         >>> za, spec = ["latent", "action"], Bounded(-1.0, 1.0, shape=(n_act,))
         >>> def gaussian(in_keys, n_in, out_key):
@@ -312,7 +358,7 @@ class ALMLoss(LossModule):
         classifier_coef: float = 0.1,
         lmbda: float = 0.95,
         actor_std: float = 1.0,
-        noise_clip: float = 0.3,
+        noise_clip: float | None = 0.3,
         reduction: str | None = None,
         deactivate_vmap: bool = False,
         kl_term: bool = True,
@@ -327,16 +373,18 @@ class ALMLoss(LossModule):
             raise ValueError(
                 f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}."
             )
-        _check_number("lmbda", lmbda, lambda x: 0 <= x <= 1, "in [0, 1] (paper: 0.95)")
-        _check_number(
+        lmbda = _check_number(
+            "lmbda", lmbda, lambda x: 0 <= x <= 1, "in [0, 1] (paper: 0.95)"
+        )
+        classifier_coef = _check_number(
             "classifier_coef",
             classifier_coef,
             lambda x: x >= 0,
             ">= 0 (paper: 0.1; 0 drops the bonus)",
         )
-        _check_number("actor_std", actor_std, lambda x: x >= 0, ">= 0")
+        actor_std = _check_number("actor_std", actor_std, lambda x: x >= 0, ">= 0")
         if noise_clip is not None:
-            _check_number(
+            noise_clip = _check_number(
                 "noise_clip", noise_clip, lambda x: x >= 0, ">= 0 or None (paper: 0.3)"
             )
         if actor_objective not in ("svg", "td3"):
@@ -344,13 +392,15 @@ class ALMLoss(LossModule):
                 f"actor_objective must be 'svg' or 'td3', got {actor_objective!r}."
             )
         if log_reward_shift is not None:
-            _check_number(
+            log_reward_shift = _check_number(
                 "log_reward_shift",
                 log_reward_shift,
                 lambda x: x > 0,
                 "> 0 or None (paper: 10000)",
             )
-        _check_number("entropy_coef", entropy_coef, lambda x: x >= 0, ">= 0")
+        entropy_coef = _check_number(
+            "entropy_coef", entropy_coef, lambda x: x >= 0, ">= 0"
+        )
         for name, network in (("encoder", encoder), ("world_model", world_model)):
             if not hasattr(network, "get_dist"):
                 raise TypeError(
@@ -363,10 +413,15 @@ class ALMLoss(LossModule):
                     "qvalue_network is an empty list; pass at least one critic."
                 )
             num_qvalue_nets = len(qvalue_network)
-        if num_qvalue_nets < 1:
+        if (
+            isinstance(num_qvalue_nets, bool)
+            or not isinstance(num_qvalue_nets, numbers.Integral)
+            or num_qvalue_nets < 1
+        ):
             raise ValueError(
-                f"num_qvalue_nets must be at least 1, got {num_qvalue_nets}."
+                f"num_qvalue_nets must be an integer >= 1, got {num_qvalue_nets!r}."
             )
+        num_qvalue_nets = int(num_qvalue_nets)
         super().__init__()
         self.reduction = reduction
         self.deactivate_vmap = deactivate_vmap
@@ -484,13 +539,15 @@ class ALMLoss(LossModule):
 
     def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
         value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
+        if value_type is None:  # an estimator instance or class, already installed
+            # It reads the next value where the loss writes it, and the loss's data keys.
+            self._forward_value_estimator_keys()
+            return self
         gamma = hp.get("gamma")
         if gamma is not None:
             _check_number(
                 "gamma", gamma, lambda x: 0 < x <= 1, "in (0, 1] (paper: 0.99)"
             )
-        if value_type is None:
-            return self
         # Like TD3, the next value is computed by the loss (min of the target critics) and
         # written into the data, so the estimator needs no value network.
         dispatch_value_estimator(
@@ -534,30 +591,32 @@ class ALMLoss(LossModule):
 
     # Frozen networks: detached parameters let gradients reach a network's inputs but not
     # its weights (the functional counterpart of the reference code's FreezeParameters).
+    # ``.data``, not ``.detach()``: a locked TensorDictParams (a list of critics) memoises
+    # ``detach()``, and the memo would outlive ``_erase_cache`` when the loss is cast or moved.
     @property
     @_cache_values
     def _cached_detached_world_model_params(self) -> TensorDictBase:
-        return self.world_model_params.detach()
+        return self.world_model_params.data
 
     @property
     @_cache_values
     def _cached_detached_reward_model_params(self) -> TensorDictBase:
-        return self.reward_model_params.detach()
+        return self.reward_model_params.data
 
     @property
     @_cache_values
     def _cached_detached_classifier_params(self) -> TensorDictBase:
-        return self.classifier_params.detach()
+        return self.classifier_params.data
 
     @property
     @_cache_values
     def _cached_detached_qvalue_network_params(self) -> TensorDictBase:
-        return self.qvalue_network_params.detach()
+        return self.qvalue_network_params.data
 
     @property
     @_cache_values
     def _cached_detached_actor_network_params(self) -> TensorDictBase:
-        return self.actor_network_params.detach()
+        return self.actor_network_params.data
 
     # ------------------------------------------------------------------ network calls
     def _params(self, network: str, kind: str) -> TensorDictBase:
@@ -572,51 +631,77 @@ class ALMLoss(LossModule):
             return getattr(self, f"_cached_detached_{network}_params")
         return getattr(self, f"target_{network}_params")
 
+    def _parameter_slots(
+        self, network: str, kind: str, critic: int | None
+    ) -> list[tuple[dict, str, torch.Tensor]] | None:
+        """Where each ``kind`` parameter of ``network`` goes in its module, listed once.
+
+        ``(table, name, tensor)``: ``table`` is a submodule's ``_parameters`` or ``_buffers``,
+        ``tensor`` the parameter to put under ``name``; a parameter the module already holds
+        (a network's own trained ones) is left out. Cached with the detached parameters, so
+        dropped and listed again when the loss is moved (``LossModule._erase_cache``); under
+        ``torch.compile`` only read (``None`` until an eager call has listed them), as it is
+        for a network whose parameters are not all plain table entries.
+        """
+        key = ("slots", network, kind, critic)
+        if torch.compiler.is_compiling():
+            return self.__dict__.get("_cache", {}).get(key)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            module = getattr(self, network)
+            slots = []
+            for name, tensor in self._network_params(network, kind, critic).items(
+                include_nested=True, leaves_only=True
+            ):
+                *path, leaf = (name,) if isinstance(name, str) else name
+                owner = module.get_submodule(".".join(path))
+                table = (
+                    owner._parameters if leaf in owner._parameters else owner._buffers
+                )
+                if leaf not in table:  # not a plain attribute (e.g. a parametrization)
+                    slots = None
+                    break
+                if table[leaf] is not tensor:
+                    slots.append((table, leaf, tensor))
+            cache[key] = slots
+        return cache[key]
+
+    def _network_params(
+        self, network: str, kind: str, critic: int | None
+    ) -> TensorDictBase:
+        params = self._params(network, kind)
+        return params if critic is None else params[critic]
+
     def _network(
         self, network: str, kind: str, critic: int | None = None
-    ) -> TensorDictModuleBase:
-        """``network`` holding its ``kind`` parameters, to be called right away.
+    ) -> _NetworkCall:
+        """``network`` holding its ``kind`` parameters for a ``with`` block, its own again after.
 
         ``critic`` picks one critic of the critics' stacked parameters.
 
-        TorchRL's losses swap the parameters into a shared module around each call
-        (``with params.to_module(module)``). At small sizes a swap and its undoing cost more
-        than the network's forward pass, and an ALM update makes about 30 network calls. So in
-        eager mode each parameter set is swapped into its own copy of the module once and kept:
-        the copies hold the parameters' own tensors (the optimizer's in-place steps reach them)
-        and are cached with the detached parameters, so they are dropped and rebuilt with them
-        when the loss is moved (``LossModule._erase_cache``).
-
-        Under ``torch.compile`` the copies an eager call made are read, not made: a compiled
-        call then changes no module, so the guards of its graph hold at the next call. Without
-        them (no eager call since the loss was built or moved) the parameters are swapped into
-        the shared module and left there, which traces to fewer side effects than swapping back;
-        the shared module then holds other tensors after the call than before it, so dynamo
-        compiles the loss once more at the next call.
+        TorchRL's losses swap the parameters into the module around each call with
+        ``params.to_module(module)``. At small sizes that swap and its undoing cost more than
+        the network's forward pass (a tiny reward model: 178 us against 63), and an ALM update
+        makes about 20 network calls. So the loss lists, once, which entry of which
+        submodule's parameter table each parameter goes to (:meth:`_parameter_slots`) and
+        swaps the table entries directly. The module is the user's own, with its hooks and
+        training mode, and holds its own parameters again after the block, also under
+        ``torch.compile`` (so the guards of a compiled call's graph hold at the next call).
+        Without the list, ``to_module`` does the swap. Blocks of one network do not nest (a
+        network's own parameters are left out of its list).
         """
-        compiling = torch.compiler.is_compiling()
-        key = (network, kind, critic)
-        if compiling:
-            cache = self.__dict__.get("_cache", {})
-        else:
-            cache = self.__dict__.setdefault("_cache", {})
-        if key in cache:
-            return cache[key]
-        params = self._params(network, kind)
-        if critic is not None:
-            params = params[critic]
-        if compiling:
-            module = getattr(self, network)
-        else:
-            module = cache[key] = deepcopy(getattr(self, network))
-        params.to_module(module, return_swap=False, preserve_module_state=False)
-        return module
+        slots = self._parameter_slots(network, kind, critic)
+        params = (
+            None if slots is not None else self._network_params(network, kind, critic)
+        )
+        return _NetworkCall(getattr(self, network), slots, params)
 
     def _encode(self, observation: torch.Tensor, kind: str) -> d.Distribution:
         # No batch size: an observation may have several feature dims (stacked image
         # frames, [..., C, H, W]); the latent's batch shape is the encoder output's.
         inputs = TensorDict({self.tensor_keys.observation: observation})
-        return self._network("encoder", kind).get_dist(inputs)
+        with self._network("encoder", kind) as encoder:
+            return encoder.get_dist(inputs)
 
     def _encoder_dist_params(
         self, observation: torch.Tensor, kind: str
@@ -629,7 +714,8 @@ class ALMLoss(LossModule):
             {self.tensor_keys.observation: observation},
             batch_size=observation.shape[:2],
         )
-        return self._network("encoder", kind).get_dist_params(inputs)
+        with self._network("encoder", kind) as encoder:
+            return encoder.get_dist_params(inputs)
 
     def _predict_next_latent(
         self,
@@ -637,10 +723,7 @@ class ALMLoss(LossModule):
         latent: torch.Tensor,
         action: torch.Tensor,
     ) -> d.Distribution:
-        """m(z'|z, a) from ``world_model``, as :meth:`_network` returns it.
-
-        Fetch it once for a loop of calls: under ``torch.compile`` each fetch is a swap.
-        """
+        """m(z'|z, a) from ``world_model``, inside a :meth:`_network` block."""
         keys = self.tensor_keys
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
@@ -654,7 +737,8 @@ class ALMLoss(LossModule):
         inputs = TensorDict(
             {keys.latent: latent, keys.action: action}, batch_size=latent.shape[:-1]
         )
-        return self._network("reward_model", kind)(inputs).get(keys.predicted_reward)
+        with self._network("reward_model", kind) as reward_model:
+            return reward_model(inputs).get(keys.predicted_reward)
 
     def _classify(
         self,
@@ -668,7 +752,8 @@ class ALMLoss(LossModule):
             {keys.latent: latent, keys.action: action, keys.next_latent: next_latent},
             batch_size=latent.shape[:-1],
         )
-        return self._network("classifier", kind)(inputs).get(keys.classifier_logits)
+        with self._network("classifier", kind) as classifier:
+            return classifier(inputs).get(keys.classifier_logits)
 
     def _qvalues(
         self, latent: torch.Tensor, action: torch.Tensor, kind: str
@@ -682,14 +767,11 @@ class ALMLoss(LossModule):
             return self._vmap_qvalue_networkN0(
                 inputs, self._params("qvalue_network", kind)
             ).get(keys.state_action_value)
-        return torch.stack(
-            [
-                self._network("qvalue_network", kind, critic)(inputs).get(
-                    keys.state_action_value
-                )
-                for critic in range(self.num_qvalue_nets)
-            ]
-        )
+        qvalues = []
+        for critic in range(self.num_qvalue_nets):
+            with self._network("qvalue_network", kind, critic) as qvalue_network:
+                qvalues.append(qvalue_network(inputs).get(keys.state_action_value))
+        return torch.stack(qvalues)
 
     def _min_qvalue(
         self, latent: torch.Tensor, action: torch.Tensor, kind: str
@@ -699,13 +781,13 @@ class ALMLoss(LossModule):
 
     def _sample_action(self, latent: torch.Tensor, kind: str) -> torch.Tensor:
         """:meth:`sample_action` with the actor's ``kind`` parameters."""
-        actor = self._network("actor_network", kind)
-        return self._sample_action_and_std(actor, latent)[0]
+        with self._network("actor_network", kind) as actor:
+            return self._sample_action_and_std(actor, latent)[0]
 
     def _actor_mean_and_std(
         self, actor: TensorDictModuleBase, latent: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean action of ``actor`` (from :meth:`_network`) and the std of its samples."""
+        """The mean action of ``actor`` (inside a :meth:`_network` block) and the std of its samples."""
         keys = self.tensor_keys
         output = actor(TensorDict({keys.latent: latent}, batch_size=latent.shape[:-1]))
         mean = output.get(keys.action)
@@ -714,8 +796,7 @@ class ALMLoss(LossModule):
             if self.entropy_coef > 0:
                 raise ValueError(
                     f"entropy_coef={self.entropy_coef} needs an actor that learns its std "
-                    f"and writes {keys.action_std!r}, e.g. "
-                    "make_alm_modules(..., actor_std='learned')."
+                    f"and writes {keys.action_std!r} next to its mean."
                 )
             std = self.actor_std.expand_as(mean)
         return mean, std
@@ -761,6 +842,14 @@ class ALMLoss(LossModule):
             raise KeyError(
                 f"ALMLoss input is missing the entries {missing}; expected {self.in_keys}."
             )
+        keys = self.tensor_keys
+        for key in (keys.reward, keys.done, keys.terminated):
+            shape = tensordict.get(("next", key)).shape
+            if shape != (*tensordict.batch_size, 1):
+                raise ValueError(
+                    f"ALMLoss expects {unravel_key(('next', key))} of shape [B, K, 1] = "
+                    f"{[*tensordict.batch_size, 1]}, got {list(shape)}."
+                )
 
     def _check_latent_sizes(
         self, observation: torch.Tensor, action: torch.Tensor
@@ -772,10 +861,10 @@ class ALMLoss(LossModule):
         with torch.no_grad():
             latent = self._encode(observation[:1], "online").mean
             try:
-                world_model = self._network("world_model", "online")
-                next_latent = self._predict_next_latent(
-                    world_model, latent, action[:1]
-                ).mean
+                with self._network("world_model", "online") as world_model:
+                    next_latent = self._predict_next_latent(
+                        world_model, latent, action[:1]
+                    ).mean
             except RuntimeError as err:
                 raise ValueError(
                     f"The encoder's latent (size {latent.shape[-1]}) does not fit the world model, "
@@ -826,15 +915,17 @@ class ALMLoss(LossModule):
         online_dist = self._encode(batch.observation[:, 0], "online")
         latent = online_dist.rsample()
         latents, kls = [], []
-        world_model = self._network("world_model", "online")
-        for t in range(batch.horizon):
-            prior = self._predict_next_latent(world_model, latent, batch.action[:, t])
-            posterior = self.encoder.build_dist_from_params(
-                target_dist_params[:, t + 1]
-            )
-            kls.append(_kl_divergence(prior, posterior))
-            latents.append(latent)
-            latent = prior.rsample()
+        with self._network("world_model", "online") as world_model:
+            for t in range(batch.horizon):
+                prior = self._predict_next_latent(
+                    world_model, latent, batch.action[:, t]
+                )
+                posterior = self.encoder.build_dist_from_params(
+                    target_dist_params[:, t + 1]
+                )
+                kls.append(_kl_divergence(prior, posterior))
+                latents.append(latent)
+                latent = prior.rsample()
         kl = torch.stack(kls, dim=1)  # [B, K]
         # Reward model frozen: its gradient flows into the latents only.
         model_reward = self._shape_reward(
@@ -884,9 +975,9 @@ class ALMLoss(LossModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         action = batch.action[:, 0]
         batch_size = latent.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), self._network("world_model", "detached") as world_model:
             fake_next_latent = self._predict_next_latent(
-                self._network("world_model", "detached"), latent, action
+                world_model, latent, action
             ).sample()
         # Exactly half of the batch gets the model's next latent (label 0, "fake").
         is_real = torch.ones(batch_size, dtype=torch.bool, device=latent.device)
@@ -1088,22 +1179,23 @@ class ALMLoss(LossModule):
         if horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}.")
         latents, actions, stds = [latent], [], []
-        actor = self._network("actor_network", "online")
-        world_model = self._network("world_model", "detached")
-        for t in range(horizon):
-            if t == 0 and first_action is not None:
-                action, std = first_action, torch.zeros_like(first_action)
-            else:
-                action, std = self._actor_step(actor, latent.detach(), sample_actions)
-            prior = self._predict_next_latent(world_model, latent, action)
-            latent = prior.rsample() if sample_latents else prior.mean
-            actions.append(action)
-            stds.append(std)
-            latents.append(latent)
-        with torch.no_grad():
-            action, std = self._actor_step(
-                self._network("actor_network", "detached"), latent, sample_actions
-            )
+        with self._network("actor_network", "online") as actor, self._network(
+            "world_model", "detached"
+        ) as world_model:
+            for t in range(horizon):
+                if t == 0 and first_action is not None:
+                    action, std = first_action, torch.zeros_like(first_action)
+                else:
+                    action, std = self._actor_step(
+                        actor, latent.detach(), sample_actions
+                    )
+                prior = self._predict_next_latent(world_model, latent, action)
+                latent = prior.rsample() if sample_latents else prior.mean
+                actions.append(action)
+                stds.append(std)
+                latents.append(latent)
+        with torch.no_grad(), self._network("actor_network", "detached") as actor:
+            action, std = self._actor_step(actor, latent, sample_actions)
         actions.append(action)
         stds.append(std)
         keys = self.tensor_keys

@@ -335,8 +335,9 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("deactivate_vmap", [False, True], ids=["vmap", "loop"])
 def test_networks_called_before_follow_in_place_steps_loaded_states_and_copies(deactivate_vmap):
-    """After its first call the loss keeps each parameter set in its own copy of the network (no swap per call):
-    those copies must see the optimizer's in-place steps, a loaded state, and a deep copy's own parameters."""
+    """After its first call the loss keeps, for each parameter set, where each tensor goes in its network (a swap of
+    table entries per call): those tensors must follow the optimizer's in-place steps, a loaded state, and a deep
+    copy's own parameters."""
     called, fresh = tiny_loss(seed=0, deactivate_vmap=deactivate_vmap), tiny_loss(seed=1)
     for loss in (called, fresh):
         _with_updater(loss)
@@ -358,6 +359,87 @@ def test_networks_called_before_follow_in_place_steps_loaded_states_and_copies(d
                 if param.is_floating_point():
                     param.mul_(0.9)
     _same_outputs(fresh, copied, batch)
+
+
+def test_the_networks_are_the_users_own_with_their_hooks_and_modes_after_the_first_call(monkeypatch):
+    """The loss calls the modules it was given, holding their own parameters again after each call (compiled or not):
+    a hook registered or a training mode set after the first call takes effect, as in TorchRL's losses."""
+    loss = tiny_loss(seed=0)
+    _with_updater(loss)
+    layer = next(module for module in loss.reward_model.modules() if isinstance(module, torch.nn.Linear))
+    own = {name: list(network.parameters()) for name, network in _networks(loss).items()}
+    batch = slice_batch()
+    loss(batch)
+    modes = []
+    layer.register_forward_hook(lambda module, args, output: modes.append(module.training))
+    loss(batch)
+    assert modes == [True] * 3  # the model loss's frozen reward, the reward loss, the imagined rewards
+    loss.reward_model.eval()
+    loss(batch)
+    assert modes[3:] == [False] * 3
+    # Under torch.compile and before any eager call, the parameters go in through TorchRL's to_module, also undone.
+    fresh = tiny_loss(seed=1)
+    _with_updater(fresh)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    fresh(batch)
+    loss(batch)
+    for checked in (fresh, loss):
+        for name, network in _networks(checked).items():
+            params = list(network.parameters())
+            assert params and all(isinstance(param, torch.nn.Parameter) for param in params), name
+    assert all(a is b for name, network in _networks(loss).items() for a, b in zip(network.parameters(), own[name]))
+
+
+def _networks(loss: ALMLoss) -> dict[str, torch.nn.Module]:
+    return {name: getattr(loss, name) for names in loss.LOSS_NETWORKS.values() for name in names}
+
+
+def test_cast_after_a_call_with_a_list_of_critics():
+    """A list of critics makes locked parameters, whose detach() tensordict memoises: the detached critics the loss
+    uses must follow .double() after a first call."""
+    loss = tiny_loss(seed=0)
+    _with_updater(loss)
+    loss(slice_batch())
+    loss = loss.double()
+    batch = slice_batch().apply(lambda tensor: tensor.double() if tensor.is_floating_point() else tensor)
+    out = loss(batch)
+    assert all(out[key].dtype == torch.float64 for key in LOSS_KEYS)
+
+
+def test_an_estimator_instance_reads_the_losss_keys():
+    from torchrl.objectives.value import TD0Estimator
+
+    loss, reference = tiny_loss(seed=0), tiny_loss(seed=0)
+    for each in (loss, reference):
+        _with_updater(each)
+    loss.make_value_estimator(TD0Estimator(gamma=0.9, value_network=None))
+    reference.make_value_estimator(gamma=0.9)
+    batch = slice_batch()
+    torch.manual_seed(0)
+    expected = reference(batch)["loss_qvalue"]
+    torch.manual_seed(0)
+    assert torch.equal(loss(batch)["loss_qvalue"], expected)
+
+
+def test_numbers_may_be_numpy_scalars_or_one_element_tensors_and_nothing_else():
+    import numpy as np
+
+    kwargs = tiny_modules().loss_kwargs()
+    loss = ALMLoss(**kwargs, lmbda=np.float32(0.9), actor_std=torch.tensor(0.5), noise_clip=None)
+    assert loss.lmbda == pytest.approx(0.9) and loss.actor_std == pytest.approx(0.5) and loss.noise_clip is None
+    with pytest.raises(ValueError, match=r"lmbda must be a number in \[0, 1\].*got tensor"):
+        ALMLoss(**kwargs, lmbda=torch.tensor([0.1, 0.2]))
+    critic = kwargs.pop("qvalue_network")[0]
+    for bad in ("2", 2.5, True, 0):
+        with pytest.raises(ValueError, match=f"num_qvalue_nets must be an integer >= 1, got {bad!r}"):
+            ALMLoss(**kwargs, qvalue_network=critic, num_qvalue_nets=bad)
+
+
+def test_a_reward_without_its_trailing_dim_is_one_clear_error():
+    batch = slice_batch()
+    batch.set(("next", "reward"), batch.get(("next", "reward")).squeeze(-1))
+    with pytest.raises(ValueError, match=r"expects \('next', 'reward'\) of shape \[B, K, 1\]"):
+        tiny_loss().reward_loss(batch)
 
 
 @pytest.mark.parametrize("horizon", [1, 3, 5])

@@ -37,6 +37,7 @@ from torchrl.data import (
 from torchrl.modules import Actor, IndependentNormal, ValueOperator
 from torchrl.objectives import ALMLoss
 from torchrl.objectives.utils import SoftUpdate, ValueEstimators
+from torchrl.objectives.value import TD0Estimator
 from torchrl.testing import get_default_devices
 
 # Warnings are errors (pytestmark in test/objectives/conftest.py does not reach the
@@ -508,6 +509,55 @@ class TestALM(LossModuleTestBase):
         loss = loss_fn(self._create_mock_data_alm())
         assert all(torch.isfinite(value) for value in loss.values())
 
+    def test_alm_value_estimator_instance(self):
+        td = self._create_mock_data_alm()
+        losses = []
+        for estimator in (TD0Estimator(gamma=0.5, value_network=None), None):
+            torch.manual_seed(self.seed)
+            loss_fn = self._create_mock_alm()
+            if estimator is None:
+                loss_fn.make_value_estimator(gamma=0.5)
+            else:
+                # the loss's keys are forwarded to the estimator
+                loss_fn.make_value_estimator(estimator)
+            torch.manual_seed(1)
+            losses.append(loss_fn(td.clone())["loss_qvalue"])
+        torch.testing.assert_close(losses[0], losses[1])
+
+    def test_alm_networks_keep_their_parameters_hooks_and_modes(self):
+        networks = self._create_mock_networks()
+        loss_fn = self._create_mock_alm(networks=networks)
+        own = {
+            name: list(network.parameters())
+            for name, network in networks.items()
+            if isinstance(network, nn.Module)
+        }
+        td = self._create_mock_data_alm()
+        loss_fn(td.clone())
+        # the networks hold their own parameters after a call
+        for name, network in networks.items():
+            if name in own:
+                assert all(a is b for a, b in zip(network.parameters(), own[name]))
+        # a hook registered or a mode set after the first call takes effect
+        modes = []
+        networks["reward_model"].register_forward_hook(
+            lambda module, args, output: modes.append(module.training)
+        )
+        loss_fn(td.clone())
+        networks["reward_model"].eval()
+        loss_fn(td.clone())
+        assert modes and True in modes and modes[-1] is False
+
+    def test_alm_cast_after_call(self):
+        # a list of critics gives locked parameters: their detached copies must follow a cast
+        loss_fn = self._create_mock_alm(qvalue_as_list=True)
+        td = self._create_mock_data_alm()
+        loss_fn(td.clone())
+        loss_fn = loss_fn.double()
+        td = td.apply(lambda x: x.double() if x.is_floating_point() else x)
+        loss = loss_fn(td)
+        assert all(loss[key].dtype == torch.float64 for key in LOSS_METHODS)
+
     @pytest.mark.parametrize("device", get_default_devices())
     @pytest.mark.parametrize("num_qvalue_nets", [1, 2])
     def test_alm_deactivate_vmap(self, device, num_qvalue_nets):
@@ -737,6 +787,8 @@ class TestALM(LossModuleTestBase):
             ({"noise_clip": -0.1}, ValueError, "noise_clip"),
             ({"num_qvalue_nets": 0, "qvalue_as_list": False}, ValueError, None),
             ({"num_qvalue_nets": 0}, ValueError, None),
+            ({"num_qvalue_nets": 2.5, "qvalue_as_list": False}, ValueError, "integer"),
+            ({"lmbda": torch.tensor([0.5, 0.5])}, ValueError, "lmbda"),
         ],
     )
     def test_alm_constructor_errors(self, kwargs, error, match):
@@ -769,6 +821,12 @@ class TestALM(LossModuleTestBase):
             loss_fn(td[:, 0])
         with pytest.raises(KeyError, match="reward"):
             loss_fn(td.exclude(("next", "reward")))
+        with pytest.raises(ValueError, match=r"\[B, K, 1\]"):
+            loss_fn(
+                td.clone().set(
+                    ("next", "reward"), td.get(("next", "reward")).squeeze(-1)
+                )
+            )
         networks = self._create_mock_networks()
         networks["world_model"] = self._create_mock_world_model(
             latent_dim=self.latent_dim + 1
