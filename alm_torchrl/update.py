@@ -193,6 +193,12 @@ def _compiled_or_eager(
     return compiled_or_eager
 
 
+def loss_networks(loss: ALMLoss) -> list[torch.nn.Module]:
+    """The networks ``loss`` calls (encoder, world model, ...), each once."""
+    names = dict.fromkeys(name for names in loss.LOSS_NETWORKS.values() for name in names)
+    return [getattr(loss, name) for name in names]
+
+
 def make_update(
     loss: ALMLoss,
     optimizer: torch.optim.Optimizer,
@@ -287,7 +293,9 @@ def make_update(
             compile_mode,
             on_failure=lambda: optimizer.zero_grad(set_to_none=True),
             hooked=_backward_hook_check(
-                list(loss.modules()), [param for group in optimizer.param_groups for param in group["params"]]
+                # TorchRL keeps a loss's networks outside its submodules (convert_to_functional), so list them.
+                [*loss.modules(), *(module for network in loss_networks(loss) for module in network.modules())],
+                [param for group in optimizer.param_groups for param in group["params"]],
             ),
         )
 

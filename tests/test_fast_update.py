@@ -84,6 +84,13 @@ def test_compiled_update_equals_sequential_update():
         update(slice_batch(seed=16))
         assert hook_calls == [critic_weight.shape] * 2
         handle.remove()
+        # The same for a module's backward hook on one of the loss's networks (which are not submodules of the loss;
+        # the warning was said above).
+        layer = next(module for module in fast.world_model.modules() if isinstance(module, torch.nn.Linear))
+        handle = layer.register_full_backward_hook(lambda module, grad_input, grad_output: hook_calls.append("world"))
+        update(slice_batch(seed=17))
+        assert hook_calls.count("world") > 0
+        handle.remove()
         # The compiled pass flags a non-finite norm on the device as well: the step is skipped, then the update raises.
         # A NaN critic weight: the model loss reads the critic too, and the first group in OPTIMIZER_GROUPS with a
         # bad norm is named.
