@@ -491,13 +491,20 @@ class ALMLoss(LossModule):
         self._make_vmap()
 
     def __getstate__(self) -> dict:
-        # The cached detached parameters and network copies share the parameters' storage; a
+        # The cached detached parameters and parameter slots share the parameters' storage; a
         # deep copy or a pickle would give them storage of their own, which the copy's
-        # optimizer never updates. Leave them out: they are rebuilt on first use.
+        # optimizer never updates. Leave them out: they are rebuilt on first use. The vmapped
+        # critic call is a closure over this loss's critic module: rebuilt on unpickling.
         state = super().__getstate__()
         return {
-            key: value for key, value in state.items() if not key.startswith("_cache")
+            key: value
+            for key, value in state.items()
+            if not key.startswith("_cache") and key != "_vmap_qvalue_networkN0"
         }
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._make_vmap()
 
     def _action_bounds(
         self, action_spec: TensorSpec | None, actor_network: TensorDictModule

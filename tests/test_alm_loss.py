@@ -394,6 +394,21 @@ def _networks(loss: ALMLoss) -> dict[str, torch.nn.Module]:
     return {name: getattr(loss, name) for names in loss.LOSS_NETWORKS.values() for name in names}
 
 
+def test_pickled_and_deep_copied_losses_call_their_own_critics():
+    import pickle
+
+    loss = tiny_loss(seed=0)
+    _with_updater(loss)
+    batch = slice_batch()
+    loss(batch)
+    for copied in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        _same_outputs(loss, copied, batch)
+        calls = []
+        loss.qvalue_network.register_forward_hook(lambda module, args, output: calls.append(1))
+        copied(batch)
+        assert not calls  # the copy's vmapped critics are its own module, not the original's
+
+
 def test_cast_after_a_call_with_a_list_of_critics():
     """A list of critics makes locked parameters, whose detach() tensordict memoises: the detached critics the loss
     uses must follow .double() after a first call."""

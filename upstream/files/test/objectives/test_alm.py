@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -547,6 +549,18 @@ class TestALM(LossModuleTestBase):
         networks["reward_model"].eval()
         loss_fn(td.clone())
         assert modes and True in modes and modes[-1] is False
+
+    def test_alm_pickle_and_deepcopy(self):
+        loss_fn = self._create_mock_alm()
+        td = self._create_mock_data_alm()
+        loss_fn(td.clone())
+        for copied in (pickle.loads(pickle.dumps(loss_fn)), copy.deepcopy(loss_fn)):
+            torch.manual_seed(1)
+            loss = loss_fn(td.clone())
+            torch.manual_seed(1)
+            assert_allclose_td(loss, copied(td.clone()))
+            # the copy's vmapped critics call its own module
+            assert copied._vmap_qvalue_networkN0 is not loss_fn._vmap_qvalue_networkN0
 
     def test_alm_cast_after_call(self):
         # a list of critics gives locked parameters: their detached copies must follow a cast
