@@ -489,6 +489,9 @@ class ALMLoss(LossModule):
             "classifier_coef", float(classifier_coef), device=device
         )
         self._make_vmap()
+        # Built now rather than at first use, so that a state dict loads into a loss that has
+        # not run yet (the estimator's gamma is part of the state).
+        self.make_value_estimator()
 
     def __getstate__(self) -> dict:
         # The cached detached parameters and parameter slots share the parameters' storage; a

@@ -316,6 +316,18 @@ def _same_outputs(first: ALMLoss, second: ALMLoss, batch: TensorDict) -> None:
         torch.testing.assert_close(got[key], expected[key])
 
 
+def test_a_state_dict_loads_into_a_loss_that_has_not_run():
+    source = tiny_loss(seed=0)
+    _with_updater(source)
+    source.make_value_estimator(gamma=0.9)
+    source(slice_batch())
+    loaded = tiny_loss(seed=1)
+    _with_updater(loaded)
+    loaded.load_state_dict(source.state_dict())
+    assert loaded.value_estimator.gamma.item() == pytest.approx(0.9)
+    _same_outputs(source, loaded, slice_batch())
+
+
 def test_state_dict_round_trip():
     source = tiny_loss(seed=0)
     _with_updater(source)
