@@ -1001,7 +1001,7 @@ class ALMLoss(LossModule):
         labels = is_real.long()
         # Eq. 9: cross-entropy of real (encoder) vs fake (model) next latents.
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        accuracy = (logits.argmax(-1) == labels).float().mean()
+        accuracy = (logits.argmax(-1) == labels).to(logits.dtype).mean()
         return self._reduce(loss, batch), {"classifier_accuracy": accuracy.detach()}
 
     def _qvalue_loss(

@@ -430,7 +430,7 @@ def test_cast_after_a_call_with_a_list_of_critics():
     loss = loss.double()
     batch = slice_batch().apply(lambda tensor: tensor.double() if tensor.is_floating_point() else tensor)
     out = loss(batch)
-    assert all(out[key].dtype == torch.float64 for key in LOSS_KEYS)
+    assert all(value.dtype == torch.float64 for value in out.values())
 
 
 def test_an_estimator_instance_reads_the_losss_keys():
