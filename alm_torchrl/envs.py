@@ -27,7 +27,8 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -65,8 +66,10 @@ __all__ = [
     "EnvPreset",
     "SimulatorState",
     "agent_steps",
+    "check_continuous_task",
     "check_env_name",
     "check_offscreen_rendering",
+    "check_rendering",
     "dmc_task",
     "make_env",
     "renders_mujoco",
@@ -148,7 +151,7 @@ def check_offscreen_rendering() -> None:
         finally:
             gl_context.free()
     except Exception as err:  # missing libraries, no display or no device: each backend fails in its own way
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = _first_line(err)
         raise RuntimeError(
             f"MuJoCo cannot render off-screen here (MUJOCO_GL={backend}: {reason}); install EGL (Debian/Ubuntu: "
             "apt install libegl1) and use MUJOCO_GL=egl, or OSMesa (apt install libosmesa6) and MUJOCO_GL=osmesa"
@@ -205,6 +208,57 @@ def check_env_name(env_name: str, *, allow_presets: bool = True) -> None:
         f"Unknown environment {env_name!r}: expected {presets}any registered gymnasium id or a DeepMind Control Suite "
         f"task ({DMC_PREFIX}<domain>-<task>){hint}"
     )
+
+
+def check_continuous_task(env_name: str) -> None:
+    """Raise a one-line ``ValueError`` if the gymnasium task ``env_name`` (a valid name: :func:`check_env_name`) cannot
+    be built here, a package it needs being missing (Box2D, say), or does not take continuous (``Box``) actions, which
+    ALM needs.
+
+    Builds the bare task once, without TorchRL (milliseconds); presets and DMC tasks, all continuous MuJoCo tasks, pass.
+    """
+    if env_name in ENV_PRESETS or dmc_task(env_name) is not None:
+        return
+    with _bare_gymnasium_task(env_name) as env:
+        space = env.action_space
+    if not isinstance(space, gymnasium.spaces.Box):
+        raise ValueError(
+            f"{env_name!r} takes {type(space).__name__} actions; ALM needs continuous (Box) actions: a MuJoCo or "
+            "DMC task, or another continuous-control task such as Pendulum-v1"
+        )
+
+
+def check_rendering(env_name: str) -> None:
+    """Raise a one-line ``RuntimeError`` saying what to install if ``env_name`` (a valid name that builds:
+    :func:`check_continuous_task`) cannot render here: MuJoCo off-screen (:func:`check_offscreen_rendering`), or one
+    frame of another gymnasium task (classic-control and Box2D tasks draw with pygame)."""
+    if renders_mujoco(env_name):
+        check_offscreen_rendering()
+        return
+    with _bare_gymnasium_task(env_name, render_mode="rgb_array") as env:
+        env.reset(seed=0)
+        try:
+            env.render()
+        except gymnasium.error.DependencyNotInstalled as err:
+            raise RuntimeError(f"{env_name!r} cannot render here: {_first_line(err)}") from None
+
+
+@contextmanager
+def _bare_gymnasium_task(env_id: str, **make_kwargs: Any) -> Iterator[gymnasium.Env]:
+    """``gymnasium.make(env_id)`` without a time limit, closed on exit; a missing package it needs is a ``ValueError``
+    that names it (gymnasium's message says what to install)."""
+    try:
+        env = gymnasium.make(env_id, max_episode_steps=-1, **make_kwargs)
+    except (gymnasium.error.DependencyNotInstalled, ImportError) as err:
+        raise ValueError(f"{env_id!r} cannot be built here: {_first_line(err)}") from None
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def renders_mujoco(env_name: str) -> bool:

@@ -129,6 +129,8 @@ def make_replay_buffer(
         raise ValueError(f"batch_size must be >= 1 (slices per batch; paper: 512), got {batch_size}")
     if size < slice_len:
         raise ValueError(f"size must be >= slice_len ({slice_len}), got {size}")
+    if prefetch is not None and prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0 (batches sampled ahead by a thread; 0: none), got {prefetch}")
     if isinstance(batches_per_draw, bool) or not isinstance(batches_per_draw, int) or batches_per_draw < 1:
         raise ValueError(f"batches_per_draw must be an int >= 1, got {batches_per_draw!r}")
     if sampling not in SAMPLING_MODES:

@@ -136,6 +136,14 @@ def test_bad_video_config_is_one_line(overrides, message):
     assert str(info.value) == message
 
 
+def test_video_of_a_task_that_cannot_render_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pygame", None)  # as if not installed, whether it is or not: classic control's
+    with pytest.raises(ConfigError) as info:
+        validate_config(load_config("logger.video=true", "env.name=Pendulum-v1"))
+    assert str(info.value) == ("logger.video=true: 'Pendulum-v1' cannot render here: pygame is not installed, run "
+                               "`pip install \"gymnasium[classic_control]\"`")
+
+
 def test_rendering_that_cannot_work_says_what_to_install(monkeypatch):
     monkeypatch.setenv("MUJOCO_GL", "glfw")  # GLFW needs a display, and there is none
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -124,6 +124,7 @@ def test_slice_len_mismatch() -> None:
         ({"size": 2, "batch_size": 2, "slice_len": 3}, "size must be >= slice_len"),
         ({"size": 10, "batch_size": 2, "slice_len": 3, "sampling": "uniform"},
          "sampling must be one of 'transition', 'trajectory', got 'uniform'"),
+        ({"size": 10, "batch_size": 2, "slice_len": 3, "prefetch": -1}, "prefetch must be >= 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, int], message: str) -> None:
