@@ -11,8 +11,8 @@ without loading anything else, so a resume can be checked before anything is bui
 
 :class:`TrainingCheckpoints` keeps a run's checkpoints in one directory with TorchRL's
 :class:`~torchrl.checkpoint.CheckpointRotation`: each save writes a new ``checkpoint-<frames>`` directory (staged under
-a hidden name, then renamed into place: a kill at any moment, mid-write included, or a full disk leaves the previous
-checkpoint whole), then removes the older ones.
+a hidden name, flushed to disk, then renamed into place: a kill at any moment, mid-write included, a full disk or a
+power loss leaves the previous checkpoint whole), then removes the older ones.
 
 Loading never runs code, and never loads a damaged file. Every component records the size and CRC-32 of each of its
 files (``checksums.json``); :meth:`TrainingCheckpoints.verify` checks them, and what kind of file each one is, before
@@ -45,7 +45,7 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,16 @@ class ReplayBufferAdapter(CheckpointAdapter):
         path.mkdir(parents=True, exist_ok=True)
         size = len(component)
         if size:
-            torch.save(component.storage.state_dict(), path / "storage.pt")
+            # Through a Python file, so that a failed write (a full disk) is the OSError that callers handle as one:
+            # torch.save given a path writes in C++ and reports it as a RuntimeError ("unexpected pos ..."); given a
+            # file, it raises that RuntimeError while handling the file's OSError, which is the one to raise.
+            with (path / "storage.pt").open("wb") as file:
+                try:
+                    torch.save(component.storage.state_dict(), file)
+                except RuntimeError as err:
+                    if isinstance(err.__context__, OSError):
+                        raise err.__context__ from None
+                    raise
         component.writer.dumps(path / "writer")
         component.sampler.dumps(path / "sampler")
         (path / "buffer.json").write_text(json.dumps({"len": size}))
@@ -168,6 +177,41 @@ def _crc32(file: Path) -> int:
         while chunk := stream.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+class _DurableCheckpoint(Checkpoint):
+    """A :class:`~torchrl.checkpoint.Checkpoint` whose files are on disk before it is published.
+
+    TorchRL writes a checkpoint under a hidden name, renames it into place and (``CheckpointRotation``) then deletes
+    the older ones, flushing nothing: after a power loss, the rename and the deletion can have reached the disk while
+    the new files' data has not, leaving no whole checkpoint. TorchRL 0.14 has no hook between writing a checkpoint and
+    publishing it, so this overrides the (private) step that publishes, ``_publish_path``: it flushes every staged file
+    and directory first, and the directory the checkpoint is renamed into after, before anything older is deleted.
+    """
+
+    @staticmethod
+    def _publish_path(source: Path, destination: Path) -> None:
+        _fsync_tree(source)
+        Checkpoint._publish_path(source, destination)
+        _fsync(destination.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush ``root`` to disk: a file's data, or a directory's files, then each directory's entries."""
+    if not root.is_dir():
+        _fsync(root)
+    for directory, _, files in os.walk(root, topdown=False):  # nothing for a file
+        for name in files:
+            _fsync(Path(directory, name))
+        _fsync(Path(directory))
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class CollectorState:
@@ -258,7 +302,7 @@ class TrainingCheckpoints:
     ) -> None:
         self.directory = Path(directory)
         self.rotation = CheckpointRotation(self.directory, keep_last=keep_last, prefix=CHECKPOINT_PREFIX)
-        self.checkpoint = Checkpoint()
+        self.checkpoint = _DurableCheckpoint()
         self.collector_state = CollectorState(collector) if collector is not None else None
         components = {
             "loss": (loss, StateDictCheckpointAdapter()),
@@ -277,7 +321,9 @@ class TrainingCheckpoints:
     def save(self, step: int, metadata: Mapping[str, Any]) -> Path:
         """Write a checkpoint for ``step`` (frames collected) with JSON ``metadata``, then drop the older ones.
 
-        Returns its path. A failure (a full disk, say) raises and leaves the previous checkpoints as they were.
+        Returns its path. Its files reach the disk before it is published and the older ones are removed, so that even
+        a power loss leaves one whole checkpoint. A failed write (a full disk, say) raises ``OSError`` and leaves the
+        previous checkpoints as they were.
         """
         self._remove_unfinished_writes()
         metadata = {**metadata, "format": CHECKPOINT_FORMAT}
@@ -289,7 +335,7 @@ class TrainingCheckpoints:
         Tensors go to ``device``; the RNG states are restored too. Returns the checkpoint's metadata. The files are
         checked first (:meth:`verify`) unless ``verify=False`` (they were just verified).
         """
-        path = self.verify(path) if verify else self.find(path)
+        path = self.verify(path, components=tuple(self.checkpoint.components)) if verify else self.find(path)
         result = self.checkpoint.load(path, map_location=device)
         return dict(result.manifest["metadata"])
 
@@ -326,14 +372,15 @@ class TrainingCheckpoints:
         return dict(Checkpoint.manifest(cls.find(path)).get("metadata", {}))
 
     @classmethod
-    def verify(cls, path: str | os.PathLike) -> Path:
+    def verify(cls, path: str | os.PathLike, components: Collection[str] = ()) -> Path:
         """Check the checkpoint at ``path`` (see :meth:`find`) without loading any of it; return its directory.
 
         Raises :class:`~torchrl.checkpoint.CheckpointError`, its message starting with the file at fault, when the
-        checkpoint has another format (:data:`CHECKPOINT_FORMAT`), when a file is missing, unexpected, of another
-        size or CRC-32 than when it was written, or of a kind whose loading could run code: a pickle, a ``meta.json``
-        naming another class than TensorDict, a ``torch.save`` file holding objects other than tensors and plain
-        containers, a link. The kinds are checked first, then the sizes, then the contents.
+        checkpoint has another format (:data:`CHECKPOINT_FORMAT`), when it lacks one of ``components`` (the names of
+        those that will be loaded from it), when a file is missing, unexpected, of another size or CRC-32 than when it
+        was written, or of a kind whose loading could run code: a pickle, a ``meta.json`` naming another class than
+        TensorDict, a ``torch.save`` file holding objects other than tensors and plain containers, a link. The kinds are
+        checked first, then the sizes, then the contents.
         """
         checkpoint = cls.find(path)
         manifest_file = checkpoint / "manifest.json"
@@ -342,6 +389,12 @@ class TrainingCheckpoints:
         if found != CHECKPOINT_FORMAT:
             raise CheckpointError(
                 f"{manifest_file}: checkpoint format {found!r}; this version of alm_torchrl reads {CHECKPOINT_FORMAT!r}"
+            )
+        missing = sorted(set(components) - set(manifest["components"]))
+        if missing:
+            raise CheckpointError(
+                f"{manifest_file}: lacks {', '.join(missing)}, which this run restores (the checkpoint holds "
+                f"{', '.join(sorted(manifest['components']))})"
             )
         recorded: dict[Path, tuple[int, int]] = {}
         for component in manifest["components"].values():

@@ -9,6 +9,9 @@ Faults (``n`` counts from 1):
 - ``sigterm-write=n`` / ``sigkill-write=n``: SIGTERM / SIGKILL while checkpoint ``n`` is being written (after the
   replay buffer's files, before the rest).
 - ``enospc-write=n``: checkpoint write ``n`` fails with ENOSPC (no space left on device) halfway through.
+- ``efbig-write=n``: from checkpoint write ``n`` on, no file may grow past 64 KiB (``RLIMIT_FSIZE``): the replay
+  buffer's ``torch.save`` itself fails, with EFBIG, as it would with ENOSPC on a full disk.
+- ``sigterm-verify=n``: SIGTERM as checkpoint verification ``n`` starts (start-up's check of the checkpoint to resume).
 - ``sigint-twice-write=n``: Ctrl-C twice while checkpoint ``n`` is being written.
 - ``nan-reward=n`` / ``nan-observation=n``: the env returns a NaN reward / observation at its step ``n``.
 - ``remove-logs=n``: the logger's directory is removed after the env's step ``n``.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import runpy
 import shutil
 import signal
@@ -70,6 +74,26 @@ def _twice(fault):
 
 def _disk_full() -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _cap_file_sizes() -> None:
+    """Writes past 64 KiB of a file fail with EFBIG (SIGXFSZ ignored, or it would kill the process instead)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def _sigterm_during_verification(n: int) -> None:
+    """SIGTERM as ``TrainingCheckpoints.verify`` (a classmethod, patched as one) is called the ``n``-th time."""
+    checkpoints = alm_torchrl.checkpoint.TrainingCheckpoints
+    verify, calls = checkpoints.verify, [0]
+
+    def patched(cls, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return verify(*args, **kwargs)
+
+    checkpoints.verify = classmethod(patched)
 
 
 def _sigterm_during_update(n: int) -> None:
@@ -150,6 +174,9 @@ FAULTS = {
     "sigterm-write": lambda n: _during_write(n, _signal(signal.SIGTERM)),
     "sigkill-write": lambda n: _during_write(n, _signal(signal.SIGKILL)),
     "enospc-write": lambda n: _during_write(n, _disk_full),
+    "efbig-write": lambda n: _on_call(alm_torchrl.checkpoint.ReplayBufferAdapter, "save", n, _cap_file_sizes,
+                                      before=True),
+    "sigterm-verify": _sigterm_during_verification,
     "sigint-twice-write": lambda n: _during_write(n, _twice(_signal(signal.SIGINT))),
     "nan-reward": lambda n: _env_step_fault(n, "reward"),
     "nan-observation": lambda n: _env_step_fault(n, "observation"),

@@ -1,8 +1,10 @@
 """The training recipe end to end (as a subprocess), kill-and-resume, config validation, and the update helpers."""
 from __future__ import annotations
 
+import errno
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,8 @@ from alm_torchrl.replay import make_replay_buffer
 from alm_torchrl.update import OPTIMIZER_GROUPS, NonFiniteGradientError, make_optimizer, make_update
 from recipes.alm.utils import (
     ConfigError,
+    UpdateMetrics,
+    checkpoint_components,
     load_config,
     make_checkpoints,
     make_collector,
@@ -166,6 +170,12 @@ BAD_CONFIGS = [
     (["loss.lmbda=1.5"], "loss.lmbda must be a number in [0, 1] (paper: 0.95), got 1.5"),
     (["optim.utd_ratio=0.05"], "optim.utd_ratio=0.05 = 0.5 updates per collected batch"),
     (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume='/nonexistent/ckpt': no checkpoint there"),
+    (["env.name=CartPole-v1"], "env.name: 'CartPole-v1' takes Discrete actions; ALM needs continuous (Box) actions"),
+    (["env.seed=-1"], "env.seed must be an integer in [0, 2**31 - 1], got -1"),
+    (["env.seed=5000000000"], "env.seed must be an integer in [0, 2**31 - 1], got 5000000000"),
+    (["env.max_episode_steps=0"], "env.max_episode_steps must be >= 1 (env steps), got 0"),
+    (["replay_buffer.prefetch=-1"], "replay_buffer.prefetch must be >= 0 (batches sampled ahead by a thread; 0: none)"),
+    (["compile.compile_mode=foo"], "compile.compile_mode must be null or one of default, lite, reduce-overhead"),
     pytest.param(["collector.device=cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA exists")),
 ]
@@ -186,9 +196,9 @@ def test_bad_config_is_one_clear_error(tmp_path, monkeypatch, overrides, message
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("overrides, message", [BAD_CONFIGS[0], BAD_CONFIGS[6]])
+@pytest.mark.parametrize("overrides, message", [BAD_CONFIGS[0], BAD_CONFIGS[6], BAD_CONFIGS[12]])
 def test_bad_config_fails_fast_with_one_line(tmp_path, overrides, message):
-    """The recipe itself: one ``alm.py:`` line, no traceback, nothing written; a check and a schema error (refused
+    """The recipe itself: one ``alm.py:`` line, no traceback, nothing written; checks and a schema error (refused
     resumes: the resume tests below)."""
     start = time.monotonic()
     result = _run(*overrides, run_dir=tmp_path)
@@ -198,6 +208,18 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, overrides, message):
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
     assert time.monotonic() - start < 30
+
+
+def test_a_task_whose_package_is_missing_is_one_line_naming_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "Box2D", None)  # as if not installed, whether it is or not
+    for name in [name for name in sys.modules if name.startswith("gymnasium.envs.box2d")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, without Box2D
+    with pytest.raises(ConfigError) as error:
+        validate_config(load_config(*TINY, "env.name=LunarLanderContinuous-v3"))
+    assert str(error.value) == (
+        "env.name: 'LunarLanderContinuous-v3' cannot be built here: Box2D is not installed, you can install it by run "
+        "`pip install swig` followed by `pip install \"gymnasium[box2d]\"`"
+    )
 
 
 def test_evaluate_takes_the_first_num_episodes_of_side_by_side_rollouts():
@@ -391,10 +413,10 @@ checkpoints.save(200, {"frames": 200})
 """
 
 
-def _small_checkpoints(directory: Path) -> tuple[TrainingCheckpoints, torch.nn.Module]:
+def _small_checkpoints(directory: Path, capacity: int = 50) -> tuple[TrainingCheckpoints, torch.nn.Module]:
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
-    buffer = make_replay_buffer(size=50, batch_size=2, slice_len=3)
+    buffer = make_replay_buffer(size=capacity, batch_size=2, slice_len=3)
     buffer.extend(TensorDict({"observation": torch.randn(20, 3), ("collector", "traj_ids"): torch.zeros(20).long()},
                              batch_size=[20]))
     checkpoints = TrainingCheckpoints(directory / "checkpoints", loss=net,
@@ -439,6 +461,70 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
         checkpoints.save(200, {"frames": 200})
     assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [first.name]
     assert TrainingCheckpoints.metadata(tmp_path / "checkpoints")["frames"] == 100
+
+
+def test_a_write_that_fails_in_torch_save_is_an_os_error_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real failed write: files capped at 256 KiB (RLIMIT_FSIZE, EFBIG) fail the replay buffer's torch.save as a full
+    disk would (ENOSPC); torch reports either as a RuntimeError, which the recipe would not take for a failed write."""
+    checkpoints, _ = _small_checkpoints(tmp_path, capacity=20_000)  # its storage.pt: 400 KB; every other file < 30 KB
+    first = checkpoints.save(100, {"frames": 100})
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_excess = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else a write past the cap kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 2**10, limits[1]))
+    try:
+        with pytest.raises(OSError) as error:
+            checkpoints.save(200, {"frames": 200})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, on_excess)
+    assert error.value.errno == errno.EFBIG
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [first.name]
+    assert TrainingCheckpoints.metadata(TrainingCheckpoints.verify(tmp_path / "checkpoints"))["frames"] == 100
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_published_and_the_previous_one_removed(tmp_path, monkeypatch):
+    """Every file and directory of the new checkpoint is flushed (fsync) before it is renamed into place, and the
+    directory holding it after the rename, both before the previous checkpoint is deleted: a power loss leaves one whole
+    checkpoint."""
+    checkpoints, _ = _small_checkpoints(tmp_path)
+    previous = checkpoints.save(100, {"frames": 100})
+    new = tmp_path / "checkpoints" / "checkpoint-000000000200"
+    flushed = {}  # inode: (new published?, previous still there?), at its first fsync
+    fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        flushed.setdefault(os.fstat(descriptor).st_ino, (new.exists(), previous.exists()))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert checkpoints.save(200, {"frames": 200}) == new and not previous.exists()
+    written = [new, *new.rglob("*")]
+    assert {path: flushed.get(path.stat().st_ino) for path in written} == {path: (False, True) for path in written}
+    assert flushed[new.parent.stat().st_ino] == (True, True)
+
+
+@pytest.mark.parametrize("actor_std", ["scheduled", "learned"])
+def test_a_checkpoint_to_resume_must_hold_the_components_the_recipe_registers(actor_std):
+    """validate_config checks a checkpoint against checkpoint_components before anything is built: the same names."""
+    cfg = load_config(*TINY, "env.name=Pendulum-v1", f"network.actor_std={actor_std}")
+    cpu = torch.device("cpu")
+    train_env, eval_env = make_environment(cfg)
+    learner = make_learner(cfg, train_env, cpu)
+    checkpoints = make_checkpoints(cfg, learner, make_recipe_replay_buffer(cfg, cpu),
+                                   collector=make_collector(cfg, train_env, learner.agent.policy, cpu),
+                                   eval_env=eval_env, update_metrics=UpdateMetrics())
+    assert sorted(checkpoints.checkpoint.components) == sorted(checkpoint_components(cfg))
+
+
+def test_auto_resume_refuses_a_checkpoint_of_the_older_layout_rather_than_start_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run directory
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"collected_frames": 150}, tmp_path / "checkpoints" / "checkpoint.pt")  # one file, before 0c985f1
+    with pytest.raises(ConfigError, match=f"checkpoint.resume=auto: {tmp_path / 'checkpoints' / 'checkpoint.pt'} is a "
+                                          "checkpoint of alm_torchrl before its torchrl.checkpoint directories, which "
+                                          "this version cannot resume; to start afresh, move it out of "
+                                          "checkpoint.dir='checkpoints' or run in another directory"):
+        validate_config(load_config(*TINY))
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -143,6 +144,45 @@ def test_sigterm_during_a_checkpoint_write_keeps_it_and_resumes_exactly(referenc
     result = _run(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(reference, tmp_path)
+
+
+def test_sigterm_during_start_up_stops_before_anything_is_built(reference, tmp_path):
+    """SIGTERM while start-up verifies the checkpoint to resume (a minute of checksums for a Humanoid buffer)."""
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    result = _run(tmp_path, "sigterm-verify=1", overrides=("collector.total_frames=300",))
+    _assert_stopped_at(result, tmp_path, "SIGTERM", 200)
+    assert "Resumed from" not in result.stderr and not (tmp_path / "alm_logging").exists()
+
+
+def test_the_command_printed_on_a_stop_continues_a_run_of_another_config(tmp_path):
+    """quick_start.yaml from a copy of the recipe's configs: Hydra's overrides leave out both options, without which
+    the printed command would continue with config.yaml, which the checkpoint does not match (env.scale_actions)."""
+    configs = tmp_path / "configs"
+    shutil.copytree(RECIPE.parent, configs, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    run_dir = tmp_path / "run"
+    options = ["--config-path", str(configs), "--config-name", "quick_start"]
+    result = subprocess.run([sys.executable, str(FAULTS), "sigterm-update=17", "--", *options, *RUN,
+                             f"hydra.run.dir={run_dir}"], env=ENV, capture_output=True, text=True, timeout=120)
+    _assert_stopped_at(result, run_dir, "SIGTERM", 110)
+    (line,) = _errors(result)
+    command = shlex.split(line.split("to be resumed: ", 1)[1])
+    assert command[1:6] == [str(RECIPE), *options]
+    result = subprocess.run([sys.executable, *command[1:]], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {run_dir / 'checkpoints'} at frame 110" in result.stderr
+
+
+def test_a_failed_write_on_a_stop_keeps_the_last_checkpoint_and_exits_to_be_resumed(tmp_path):
+    # The stop at frame 110 (update 17) writes checkpoint 3, whose replay buffer torch.save fails for real.
+    result = _run(tmp_path, "sigterm-update=17", "efbig-write=3")
+    assert result.returncode == RESUMABLE_EXIT_CODE and "Traceback" not in result.stderr, result.stderr[-3000:]
+    kept = f"the last checkpoint is {tmp_path / 'checkpoints' / 'checkpoint-000000000100'} (frame 100)"
+    failed, stopped = _errors(result)
+    assert failed == f"alm.py: the checkpoint of frame 110 was not written ([Errno 27] File too large); {kept}; " \
+                     "stopping anyway"
+    assert stopped.startswith(f"alm.py: stopped by SIGTERM at frame 110 ({kept}), to be resumed: ")
+    assert TrainingCheckpoints.metadata(TrainingCheckpoints.verify(tmp_path / "checkpoints"))["collected_frames"] == 100
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-000000000100"]
 
 
 def test_a_second_ctrl_c_stops_at_once_without_writing(tmp_path):
@@ -366,6 +406,22 @@ def test_a_tensordict_directory_carrying_a_pickle_payload_is_refused_without_run
                                           "format holds"):
         _validate(copied)
     assert not marker.exists()
+
+
+def test_a_checkpoint_without_a_component_the_recipe_restores_is_refused_naming_it(copied):
+    """One written through the Python API without the update metrics, say: refused before anything is built, rather
+    than by the load's traceback once everything is."""
+    manifest_file = _checkpoint_of(copied) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    shutil.rmtree(manifest_file.parent / manifest["components"].pop("update_metrics")["path"])
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=f"{manifest_file}: lacks update_metrics, which this run restores"):
+        _validate(copied)
+
+
+def test_a_resume_with_another_seed_is_refused(copied):
+    with pytest.raises(ConfigError, match="was trained with env.seed=0, not env.seed=7; resume with env.seed=0"):
+        _validate(copied, "env.seed=7")
 
 
 def test_a_file_the_checkpoint_did_not_write_is_refused(copied):

@@ -12,7 +12,7 @@ Config checking happens in three places, each value checked once:
   schedule, ``make_replay_buffer`` the batch size, ...), whose one-line ``ValueError`` the factory re-raises naming the
   config key (:func:`naming_config_keys`);
 - what involves several keys or the machine (updates per batch, episode length against the horizon, the device, the
-  logger's package, a resumed checkpoint): :func:`validate_config`.
+  task's actions and packages, the logger's package, a resumed checkpoint): :func:`validate_config`.
 
 All of them raise :class:`ConfigError`, which ``alm.py`` prints as one ``alm.py: invalid config: ...`` line.
 """
@@ -44,8 +44,10 @@ from alm_torchrl import ALMModules, make_alm_modules
 from alm_torchrl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, CheckpointError, TrainingCheckpoints
 from alm_torchrl.envs import (
     agent_steps,
+    check_continuous_task,
     check_env_name,
     check_offscreen_rendering,
+    check_rendering,
     make_env,
     renders_mujoco,
     replay_buffer_size_for,
@@ -312,8 +314,15 @@ def validate_config(cfg: DictConfig) -> None:
     """
     try:
         check_env_name(cfg.env.name)
+        check_continuous_task(cfg.env.name)
     except ValueError as err:
         raise ConfigError(f"env.name: {err}") from None
+    # numpy's global seed (alm.py) and dm_control's are 32-bit; the evaluation copies and a resumed run seed their envs
+    # with env.seed plus a few, or plus the frames collected.
+    if not 0 <= cfg.env.seed < 2**31:
+        raise ConfigError(f"env.seed must be an integer in [0, 2**31 - 1], got {cfg.env.seed}")
+    if cfg.env.max_episode_steps < 1:
+        raise ConfigError(f"env.max_episode_steps must be >= 1 (env steps), got {cfg.env.max_episode_steps}")
     horizon, frame_skip = cfg.loss.horizon, cfg.env.frame_skip
     with naming_config_keys(frame_skip="env.frame_skip"):
         episode = agent_steps(cfg.env.max_episode_steps, frame_skip)
@@ -354,6 +363,11 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if cfg.compile.compile not in (True, False, "auto"):
         raise ConfigError(f"compile.compile must be true, false or auto, got {cfg.compile.compile!r}")
+    modes = list(torch._inductor.list_mode_options())  # torch.compile's modes, "default" first
+    if cfg.compile.compile_mode not in (None, *modes):
+        raise ConfigError(
+            f"compile.compile_mode must be null or one of {', '.join(modes)}, got {cfg.compile.compile_mode!r}"
+        )
     device = resolve_device(cfg)
     if cfg.compile.cudagraphs and device.type != "cuda":
         raise ConfigError(
@@ -387,6 +401,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 RESUME_AUTO = "auto"
 """``checkpoint.resume=auto`` (the default): continue from the run directory's own checkpoint when it holds one."""
+LEGACY_CHECKPOINT = "checkpoint.pt"
+"""The one file in ``checkpoint.dir`` that held a run's checkpoint before the ``checkpoint-<frames>`` directories."""
 
 
 def validate_pixels(cfg: DictConfig) -> None:
@@ -413,7 +429,8 @@ def validate_pixels(cfg: DictConfig) -> None:
 
 
 def validate_video(cfg: DictConfig) -> None:
-    """``logger.video=true``: a backend that takes videos, its encoder's package, and MuJoCo rendering off-screen."""
+    """``logger.video=true``: a backend that takes videos, its encoder's package, and rendering: MuJoCo's off-screen,
+    or the task's own renderer (pygame, for classic-control tasks)."""
     backend = cfg.logger.backend
     if backend not in VIDEO_ENCODERS:
         raise ConfigError(
@@ -426,7 +443,7 @@ def validate_video(cfg: DictConfig) -> None:
             "installed: pip install -e \".[video]\""
         )
     try:
-        check_offscreen_rendering()
+        check_rendering(cfg.env.name)
     except RuntimeError as err:
         raise ConfigError(f"logger.video=true: {err}") from None
 
@@ -442,15 +459,24 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
     """The checkpoint(s) this run continues from, or None for a fresh start.
 
     ``checkpoint.resume=auto``: the run's own ``checkpoint.dir`` (relative to the run directory, Hydra's working
-    directory) if it holds a checkpoint: a requeued SLURM job, or the same command run again in the same run directory.
-    A path (absolute: ``alm.py`` makes it so): that checkpoint, or the newest one in that directory. null: none.
+    directory) if it holds a checkpoint: a requeued SLURM job, or the same command run again in the same run directory;
+    an older version's checkpoint there (:data:`LEGACY_CHECKPOINT`) is a ConfigError, not a fresh start. A path
+    (absolute: ``alm.py`` makes it so): that checkpoint, or the newest one in that directory. null: none.
     """
     resume = cfg.checkpoint.resume
     if not resume:
         return None
     if resume == RESUME_AUTO:
         own = Path(cfg.checkpoint.dir)
-        return own if _holds_checkpoints(own) else None
+        if _holds_checkpoints(own):
+            return own
+        if (own / LEGACY_CHECKPOINT).exists():  # said, rather than a fresh run started beside it
+            raise ConfigError(
+                f"checkpoint.resume=auto: {(own / LEGACY_CHECKPOINT).resolve()} is a checkpoint of alm_torchrl before "
+                "its torchrl.checkpoint directories, which this version cannot resume; to start afresh, move it out of "
+                f"checkpoint.dir={cfg.checkpoint.dir!r} or run in another directory (hydra.run.dir=...)"
+            )
+        return None
     return Path(resume)
 
 
@@ -502,6 +528,12 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
             f"{name} already holds {stored['collected_frames']} frames, >= "
             f"collector.total_frames={cfg.collector.total_frames}; raise collector.total_frames to continue"
         )
+    # A resumed run goes on with the checkpoint's random streams: another env.seed would be recorded, not run with.
+    if stored["config"]["env"]["seed"] != cfg.env.seed:
+        raise ConfigError(
+            f"{name} was trained with env.seed={stored['config']['env']['seed']}, not env.seed={cfg.env.seed}; resume "
+            f"with env.seed={stored['config']['env']['seed']}"
+        )
     # What the agent observes and how often it acts; defaults for checkpoints from before these keys existed.
     # The replay buffer holds actions in the agent's space, [-1, 1] under env.scale_actions.
     for key, default in (
@@ -528,7 +560,7 @@ def validate_resume(cfg: DictConfig, resume: Path) -> None:
             f"replay_buffer.size={stored['replay_buffer_size']}"
         )
     try:
-        TrainingCheckpoints.verify(resume)
+        TrainingCheckpoints.verify(resume, components=checkpoint_components(cfg))
     except CheckpointError as err:
         raise ConfigError(f"{name}: {err}") from None
 
@@ -762,6 +794,7 @@ def make_replay_buffer(cfg: DictConfig, device: torch.device) -> TensorDictRepla
     pixels = cfg.env.from_pixels
     with naming_config_keys(
         size="replay_buffer.size",
+        prefetch="replay_buffer.prefetch",
         batch_size="optim.batch_size",
         slice_len="loss.horizon",
         sampling="replay_buffer.sampling",
@@ -863,6 +896,14 @@ def make_checkpoints(
         eval_env=eval_env,
         extra_state={"update_metrics": update_metrics} if update_metrics is not None else None,
     )
+
+
+def checkpoint_components(cfg: DictConfig) -> list[str]:
+    """The components the recipe's checkpoints hold (:func:`make_checkpoints` with a collector, the evaluation env and
+    the update metrics), each of which a checkpoint to resume must hold: the noise schedule unless the actor learns its
+    std."""
+    noise = [] if cfg.network.actor_std == "learned" else ["exploration_noise"]
+    return ["loss", "rng", "optimizer", "replay_buffer", *noise, "collector", "eval_env", "update_metrics"]
 
 
 def checkpoint_metadata(
