@@ -41,6 +41,7 @@ Two components need more than TorchRL's generic adapters, each through an adapte
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -326,8 +327,30 @@ class TrainingCheckpoints:
         previous checkpoints as they were.
         """
         self._remove_unfinished_writes()
+        self._check_room()
         metadata = {**metadata, "format": CHECKPOINT_FORMAT}
         return self.rotation.save(self.checkpoint, step=step, metadata=metadata)
+
+    def _check_room(self) -> None:
+        """Raise ``OSError`` (ENOSPC) if the disk has less room than the newest checkpoint takes, the size of the next.
+
+        Some components are written through memory-mapped files (tensordict's), and a disk that fills while one is
+        written ends the process with SIGBUS, not with an error the caller can handle; the previous checkpoint survives
+        that too, but the run would end without saying why. Every checkpoint of a run has the same size (the replay
+        buffer is saved whole), so the newest one says what the next one needs.
+        """
+        rotation = CheckpointRotation(self.directory, keep_last=1, prefix=CHECKPOINT_PREFIX)
+        newest = rotation.latest() if self.directory.is_dir() else None
+        if newest is None:
+            return
+        needed = sum(file.stat().st_size for file in newest.rglob("*") if file.is_file())
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"{free / 2**20:.0f} MiB free on the disk of {self.directory}, where a checkpoint takes "
+                f"{needed / 2**20:.0f} MiB",
+            )
 
     def load(self, path: str | os.PathLike, *, device: torch.device | str = "cpu", verify: bool = True) -> dict:
         """Load the checkpoint at ``path`` (one checkpoint, or a directory of them: the newest) into the components.

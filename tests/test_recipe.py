@@ -482,6 +482,22 @@ def test_a_write_that_fails_in_torch_save_is_an_os_error_and_keeps_the_previous_
     assert TrainingCheckpoints.metadata(TrainingCheckpoints.verify(tmp_path / "checkpoints"))["frames"] == 100
 
 
+def test_a_disk_without_room_for_another_checkpoint_is_an_os_error_before_anything_is_written(tmp_path, monkeypatch):
+    """Some files are written through memory maps, which end the process (SIGBUS) when the disk fills under them: a save
+    checks first that the disk has the room the newest checkpoint takes."""
+    checkpoints, _ = _small_checkpoints(tmp_path)
+    first = checkpoints.save(100, {"frames": 100})
+    size = sum(file.stat().st_size for file in first.rglob("*") if file.is_file())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
+    with pytest.raises(OSError, match=r"MiB free on the disk of .*, where a checkpoint takes") as error:
+        checkpoints.save(200, {"frames": 200})
+    assert error.value.errno == errno.ENOSPC
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [first.name]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size))
+    assert checkpoints.save(200, {"frames": 200}).name == "checkpoint-000000000200"
+
+
 def test_a_checkpoint_is_on_disk_before_it_is_published_and_the_previous_one_removed(tmp_path, monkeypatch):
     """Every file and directory of the new checkpoint is flushed (fsync) before it is renamed into place, and the
     directory holding it after the rename, both before the previous checkpoint is deleted: a power loss leaves one whole
