@@ -339,8 +339,7 @@ class TrainingCheckpoints:
         that too, but the run would end without saying why. Every checkpoint of a run has the same size (the replay
         buffer is saved whole), so the newest one says what the next one needs.
         """
-        rotation = CheckpointRotation(self.directory, keep_last=1, prefix=CHECKPOINT_PREFIX)
-        newest = rotation.latest() if self.directory.is_dir() else None
+        newest = self.rotation.latest() if self.directory.is_dir() else None
         if newest is None:
             return
         needed = sum(file.stat().st_size for file in newest.rglob("*") if file.is_file())
